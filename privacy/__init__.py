@@ -1,0 +1,1 @@
+"""Differential-privacy accounting for tff-rec (see privacy/accounting.py)."""

@@ -1,0 +1,230 @@
+"""A federated view of ratings: one TFF client per user, built worker-side.
+
+Client ids are dense user indices as strings (`'17'`), optionally suffixed
+with a round number (`'17:4'`) that reseeds the shuffle, so runs stay
+deterministic under a seed (and on resume) while the order changes each round.
+The dataset function is serializable (`ClientData.dataset_computation`), so
+TFF builds each client's `tf.data.Dataset` inside its runtime from the id; the
+ratings travel once, as constants of that computation, not every round.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_federated as tff
+
+from tff_rec.data import ratings as ratings_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientDatasetConfig:
+  """How each client's local dataset is prepared."""
+
+  batch_size: int = 32
+  num_epochs: int = 1
+  max_examples_per_user: Optional[int] = None  # latest-first cut, by time
+  shuffle: bool = True
+  seed: int = 0
+  # Implicit feedback: sample this many unrated items per rating as
+  # negatives (label 0; ratings become label 1). 0 keeps explicit ratings.
+  negatives_per_positive: int = 0
+
+  def __post_init__(self):
+    if self.batch_size <= 0:
+      raise ValueError(f'batch_size must be positive, got {self.batch_size}')
+    if self.num_epochs <= 0:
+      raise ValueError(f'num_epochs must be positive, got {self.num_epochs}')
+    if self.max_examples_per_user is not None and self.max_examples_per_user <= 0:
+      raise ValueError(
+          f'max_examples_per_user must be positive, got {self.max_examples_per_user}'
+      )
+    if self.negatives_per_positive < 0:
+      raise ValueError('negatives_per_positive must be >= 0')
+
+
+def element_spec() -> collections.OrderedDict:
+  """The (batched) element structure of every client dataset."""
+  return collections.OrderedDict(
+      x=collections.OrderedDict(
+          user=tf.TensorSpec([None], tf.int32),
+          item=tf.TensorSpec([None], tf.int32),
+      ),
+      y=tf.TensorSpec([None], tf.float32),
+  )
+
+
+def client_id(user: int, round_num: Optional[int] = None) -> str:
+  """The client id of a dense user index (and optional round reseeding)."""
+  return str(int(user)) if round_num is None else f'{int(user)}:{int(round_num)}'
+
+
+def _cap_latest(r: ratings_lib.Ratings, max_examples: Optional[int]) -> ratings_lib.Ratings:
+  """Sorted by user then time, keeping each user's latest `max_examples`."""
+  r = r.sorted_by_user()
+  if max_examples is None or r.num_ratings == 0:
+    return r
+  offsets = r.user_offsets()
+  ends = offsets[r.users + 1]
+  keep = (ends - np.arange(r.num_ratings)) <= max_examples
+  return r.select(keep)
+
+
+class _Tables:
+  """Per-user contiguous slices of the ratings, as numpy arrays."""
+
+  def __init__(self, r: ratings_lib.Ratings):
+    self.items = r.items.astype(np.int32)
+    self.labels = r.ratings.astype(np.float32)
+    self.offsets = r.user_offsets()
+    self.num_items = r.num_items
+
+
+def make_dataset_fn(r: ratings_lib.Ratings, config: ClientDatasetConfig):
+  """A serializable `client_id -> tf.data.Dataset` over `r`'s users."""
+  tables = _Tables(_cap_latest(r, config.max_examples_per_user))
+
+  def dataset_fn(cid: tf.Tensor) -> tf.data.Dataset:
+    # Constants are created inside the function so it serializes into TFF.
+    items = tf.constant(tables.items)
+    labels = tf.constant(tables.labels)
+    offsets = tf.constant(tables.offsets)
+    parts = tf.strings.split(cid, ':')
+    user = tf.strings.to_number(parts[0], tf.int32)
+    round_num = tf.cond(
+        tf.size(parts) > 1,
+        lambda: tf.strings.to_number(parts[-1], tf.int64),
+        lambda: tf.constant(0, tf.int64),
+    )
+    start, end = offsets[user], offsets[user + 1]
+    u_items = items[start:end]
+    u_labels = labels[start:end]
+    n = end - start
+    seed = tf.stack([tf.cast(config.seed, tf.int64) * 1_000_003 + tf.cast(user, tf.int64), round_num])
+    if config.negatives_per_positive:
+      num_neg = n * config.negatives_per_positive
+      # Sample uniformly among the items this user has not rated.
+      rated = tf.scatter_nd(
+          tf.expand_dims(tf.cast(u_items, tf.int64), 1),
+          tf.ones_like(u_items, tf.bool),
+          [tables.num_items],
+      )
+      candidates = tf.cast(tf.where(tf.logical_not(rated))[:, 0], tf.int32)
+      picks = tf.random.stateless_uniform(
+          [num_neg], seed=seed + 7, maxval=tf.shape(candidates, out_type=tf.int64)[0], dtype=tf.int64
+      )
+      neg_items = tf.gather(candidates, picks)
+      u_items = tf.concat([u_items, neg_items], 0)
+      u_labels = tf.concat([tf.ones_like(u_labels), tf.zeros([num_neg], tf.float32)], 0)
+    count = tf.shape(u_items, out_type=tf.int64)[0]
+    # One (stateless, seeded) permutation per local epoch.
+    orders = []
+    for epoch in range(config.num_epochs):
+      if config.shuffle:
+        noise = tf.random.stateless_uniform([count], seed=seed + [0, 1_000_000 * (epoch + 1)])
+        orders.append(tf.argsort(noise))
+      else:
+        orders.append(tf.range(count, dtype=tf.int32))
+    order = tf.concat(orders, 0)
+    ds = tf.data.Dataset.from_tensor_slices(
+        collections.OrderedDict(
+            x=collections.OrderedDict(
+                user=tf.fill(tf.shape(order), user),
+                item=tf.gather(u_items, order),
+            ),
+            y=tf.gather(u_labels, order),
+        )
+    )
+    ds = ds.batch(config.batch_size)
+    return ds
+
+  return dataset_fn
+
+
+def client_data(
+    r: ratings_lib.Ratings,
+    config: ClientDatasetConfig = ClientDatasetConfig(),
+    users: Optional[Sequence[int]] = None,
+) -> tff.simulation.datasets.ClientData:
+  """A ClientData with one client per user present in `r` (or `users`)."""
+  present = r.present_users() if users is None else np.asarray(users)
+  if len(present) == 0:
+    raise ValueError(f'{r.name}: no users with ratings, cannot build clients')
+  ids = [client_id(u) for u in present]
+  return tff.simulation.datasets.ClientData.from_clients_and_tf_fn(
+      ids, make_dataset_fn(r, config)
+  )
+
+
+def eval_element_spec() -> collections.OrderedDict:
+  """Element spec of evaluation datasets: `query` marks held-out rows."""
+  spec = element_spec()
+  spec['query'] = tf.TensorSpec([None], tf.bool)
+  return spec
+
+
+def make_eval_dataset_fn(
+    support: Optional[ratings_lib.Ratings],
+    query: ratings_lib.Ratings,
+    batch_size: int,
+    max_support_per_user: Optional[int] = None,
+):
+  """A serializable `client_id -> dataset` of a user's support then query rows.
+
+  Support rows (`query=False`) are what a model may adapt to (reconstruct a
+  user embedding, fine-tune); query rows (`query=True`) are scored. With no
+  `support`, every row has `query=False` and the consumer splits the data
+  itself (e.g. FedRecon's even/odd batch split for unseen users).
+  """
+  q = _Tables(_cap_latest(query, None))
+  s = _Tables(_cap_latest(support, max_support_per_user)) if support is not None else None
+  mark = support is not None
+
+  def dataset_fn(cid: tf.Tensor) -> tf.data.Dataset:
+    user = tf.strings.to_number(tf.strings.split(cid, ':')[0], tf.int32)
+    q_off = tf.constant(q.offsets)
+    q_items = tf.constant(q.items)[q_off[user]:q_off[user + 1]]
+    q_labels = tf.constant(q.labels)[q_off[user]:q_off[user + 1]]
+    if s is not None:
+      s_off = tf.constant(s.offsets)
+      s_items = tf.constant(s.items)[s_off[user]:s_off[user + 1]]
+      s_labels = tf.constant(s.labels)[s_off[user]:s_off[user + 1]]
+    else:
+      s_items = tf.zeros([0], tf.int32)
+      s_labels = tf.zeros([0], tf.float32)
+    support_ds = _pairs(user, s_items, s_labels, False).batch(batch_size)
+    query_ds = _pairs(user, q_items, q_labels, mark).batch(batch_size)
+    return support_ds.concatenate(query_ds)
+
+  return dataset_fn
+
+
+def _pairs(user, items, labels, is_query: bool) -> tf.data.Dataset:
+  n = tf.shape(items)[0]
+  return tf.data.Dataset.from_tensor_slices(
+      collections.OrderedDict(
+          x=collections.OrderedDict(user=tf.fill([n], user), item=items),
+          y=labels,
+          query=tf.fill([n], is_query),
+      )
+  )
+
+
+def eval_client_data(
+    support: Optional[ratings_lib.Ratings],
+    query: ratings_lib.Ratings,
+    batch_size: int,
+    max_support_per_user: Optional[int] = None,
+) -> tff.simulation.datasets.ClientData:
+  """Evaluation ClientData over the users with query rows."""
+  users = query.present_users()
+  if len(users) == 0:
+    raise ValueError(f'{query.name}: no users with ratings to evaluate')
+  return tff.simulation.datasets.ClientData.from_clients_and_tf_fn(
+      [client_id(u) for u in users],
+      make_eval_dataset_fn(support, query, batch_size, max_support_per_user),
+  )

@@ -1,0 +1,115 @@
+"""TFF learning processes by name: FedAvg, FedProx and Federated Reconstruction."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import tensorflow_federated as tff
+
+from tff_rec.training import aggregators
+from tff_rec.training import model_fns
+from tff_rec.training import optimizers
+
+ALGORITHMS = ('fedavg', 'fedprox', 'fedrecon')
+WEIGHTINGS = ('num_examples', 'uniform')
+
+
+@dataclasses.dataclass(frozen=True)
+class AlgorithmConfig:
+  """The federated algorithm and its optimizers."""
+
+  name: str = 'fedavg'
+  weighting: str = 'num_examples'
+  client_optimizer: optimizers.OptimizerConfig = optimizers.OptimizerConfig('sgd', 0.1)
+  server_optimizer: optimizers.OptimizerConfig = optimizers.OptimizerConfig('sgd', 1.0)
+  reconstruction_optimizer: optimizers.OptimizerConfig = optimizers.OptimizerConfig('sgd', 0.1)
+  proximal_strength: float = 0.01  # FedProx mu
+  # FedRecon training: how the client data are used for reconstruction.
+  recon_epochs: int = 1
+  recon_steps_max: Optional[int] = None
+  post_recon_steps_max: Optional[int] = None
+  split_dataset: bool = False
+  # FedAvg/FedProx with a user table: average each table row over the
+  # clients that touched it (see aggregators.RowSparseMeanFactory).
+  row_sparse_mean: bool = True
+
+  def __post_init__(self):
+    if self.name not in ALGORITHMS:
+      raise ValueError(f'unknown algorithm {self.name!r}; valid: {", ".join(ALGORITHMS)}')
+    if self.weighting not in WEIGHTINGS:
+      raise ValueError(f'unknown weighting {self.weighting!r}; valid: {", ".join(WEIGHTINGS)}')
+    if self.name == 'fedprox' and not self.proximal_strength > 0:
+      raise ValueError('fedprox needs a positive proximal_strength')
+
+  @property
+  def uniform(self) -> bool:
+    return self.weighting == 'uniform'
+
+
+def default_user_embedding(algorithm: str, heldout_users: bool) -> model_fns.UserEmbedding:
+  """FedRecon keeps user rows local; FedAvg shares a table (or one row for unseen users)."""
+  if algorithm == 'fedrecon':
+    return model_fns.UserEmbedding.LOCAL
+  return model_fns.UserEmbedding.SHARED if heldout_users else model_fns.UserEmbedding.TABLE
+
+
+def build_process(
+    config: AlgorithmConfig,
+    spec: model_fns.ModelSpec,
+    user_embedding: model_fns.UserEmbedding,
+    model_aggregator=None,
+) -> tff.learning.templates.LearningProcess:
+  """The `LearningProcess` for `config` on the model `spec`.
+
+  `model_aggregator` (e.g. a DP or compression factory) replaces the default
+  mean; it must be unweighted when `config.weighting == 'uniform'`.
+  """
+  client_opt = optimizers.build_optimizer(config.client_optimizer)
+  server_opt = optimizers.build_optimizer(config.server_optimizer)
+  if config.name == 'fedrecon':
+    if user_embedding != model_fns.UserEmbedding.LOCAL:
+      raise ValueError('fedrecon needs local user embeddings')
+    split_fn = tff.learning.models.ReconstructionModel.build_dataset_split_fn(
+        recon_epochs=config.recon_epochs,
+        recon_steps_max=config.recon_steps_max,
+        post_recon_steps_max=config.post_recon_steps_max,
+        split_dataset=config.split_dataset,
+    )
+    return tff.learning.algorithms.build_fed_recon(
+        model_fns.recon_model_fn(spec),
+        loss_fn=model_fns.loss_fn(spec.task),
+        metrics_fn=model_fns.metrics_fn(spec.task),
+        server_optimizer_fn=server_opt,
+        client_optimizer_fn=client_opt,
+        reconstruction_optimizer_fn=optimizers.build_optimizer(config.reconstruction_optimizer),
+        dataset_split_fn=split_fn,
+        client_weighting=(
+            tff.learning.ClientWeighting.UNIFORM if config.uniform
+            else tff.learning.ClientWeighting.NUM_EXAMPLES
+        ),
+        model_aggregator_factory=model_aggregator,
+    )
+
+  if user_embedding == model_fns.UserEmbedding.LOCAL:
+    raise ValueError(f'{config.name} cannot keep user embeddings local; use fedrecon')
+  model_fn = model_fns.tff_model_fn(spec, user_embedding)
+  if model_aggregator is None and config.row_sparse_mean:
+    mask = model_fns.embedding_table_mask(spec, user_embedding)
+    if any(mask):
+      model_aggregator = aggregators.RowSparseMeanFactory(mask)
+  kwargs = dict(
+      client_optimizer_fn=client_opt,
+      server_optimizer_fn=server_opt,
+      model_aggregator=model_aggregator,
+  )
+  if config.name == 'fedavg':
+    if config.uniform:
+      return tff.learning.algorithms.build_unweighted_fed_avg(model_fn, **kwargs)
+    return tff.learning.algorithms.build_weighted_fed_avg(model_fn, **kwargs)
+  # fedprox
+  if config.uniform:
+    return tff.learning.algorithms.build_unweighted_fed_prox(
+        model_fn, proximal_strength=config.proximal_strength, **kwargs)
+  return tff.learning.algorithms.build_weighted_fed_prox(
+      model_fn, proximal_strength=config.proximal_strength, **kwargs)

@@ -1,0 +1,71 @@
+"""Atomic writes of run outputs: JSON files, the final model, id mappings."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Mapping
+
+import tensorflow as tf
+
+from tff_rec.data import ratings as ratings_lib
+
+FINAL_MODEL_DIR = 'final_model'
+MODEL_CONFIG_FILE = 'model_config.json'
+
+
+def write_json(path: str, value: Any) -> None:
+  """Writes `value` as JSON to `path` atomically."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path), dir=directory)
+  try:
+    with os.fdopen(fd, 'w') as f:
+      json.dump(value, f, indent=2, sort_keys=False, default=_jsonable)
+      f.write('\n')
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def _jsonable(v):
+  try:
+    return v.item()
+  except AttributeError:
+    return str(v)
+
+
+def read_json(path: str) -> Any:
+  with open(path) as f:
+    return json.load(f)
+
+
+def save_final_model(
+    run_dir: str,
+    keras_model: tf.keras.Model,
+    ratings: ratings_lib.Ratings,
+    model_config: Mapping[str, Any],
+) -> str:
+  """Saves the Keras SavedModel, raw-id maps and config under run_dir/final_model.
+
+  Written to a temporary sibling and renamed, so a crash never leaves a
+  half-written final model.
+  """
+  final = os.path.join(run_dir, FINAL_MODEL_DIR)
+  tmp = tempfile.mkdtemp(prefix='.final_model_tmp', dir=run_dir)
+  try:
+    keras_model.save(os.path.join(tmp, 'keras'), save_format='tf', include_optimizer=False)
+    keras_model.save_weights(os.path.join(tmp, 'weights', 'weights'))
+    ratings.save_id_maps(tmp)
+    write_json(os.path.join(tmp, MODEL_CONFIG_FILE), dict(model_config))
+    if os.path.exists(final):
+      shutil.rmtree(final)
+    os.replace(tmp, final)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return final

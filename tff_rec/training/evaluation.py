@@ -1,0 +1,214 @@
+"""Federated evaluation of a trained global model on held-out users or ratings.
+
+- `table` models (FedAvg/FedProx, users seen in training): TFF's
+  `build_fed_eval` on each user's query ratings.
+- `local` models (FedRecon): `build_fed_recon_eval`; the user embedding is
+  rebuilt on the device from its support ratings, then the query ratings are
+  scored. For users seen in training the support set is their training
+  ratings; for unseen users it is every other batch of their data (TFF's
+  `split_dataset=True`), as in Singhal et al. 2021.
+- `shared` models (FedAvg baseline for unseen users): `build_fed_eval` as is,
+  and, with `finetune_steps`, TFF's personalization evaluation, which
+  fine-tunes the whole model on the support half first.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_federated as tff
+
+from tff_rec.data import federated
+from tff_rec.data import ratings as ratings_lib
+from tff_rec.training import model_fns
+from tff_rec.training import optimizers
+
+
+@dataclasses.dataclass(frozen=True)
+class ReconEvalConfig:
+  """Reconstruction settings at evaluation (FedRecon's recon_* flags)."""
+
+  optimizer: optimizers.OptimizerConfig = optimizers.OptimizerConfig('sgd', 0.1)
+  recon_epochs: int = 1
+  recon_steps_max: Optional[int] = None
+  post_recon_steps_max: Optional[int] = None
+
+
+def _split_by_query_flag(dataset: tf.data.Dataset):
+  """Support rows for reconstruction, query rows for evaluation."""
+  recon = dataset.unbatch().filter(lambda e: tf.logical_not(e['query']))
+  post = dataset.unbatch().filter(lambda e: e['query'])
+  batch = 64
+  return recon.batch(batch), post.batch(batch)
+
+
+class FederatedEvaluator:
+  """Evaluates global model weights on a set of users, as TFF computations."""
+
+  def __init__(
+      self,
+      spec: model_fns.ModelSpec,
+      user_embedding: model_fns.UserEmbedding,
+      support: Optional[ratings_lib.Ratings],
+      query: ratings_lib.Ratings,
+      *,
+      batch_size: int = 32,
+      max_support_per_user: Optional[int] = None,
+      recon: ReconEvalConfig = ReconEvalConfig(),
+      heldout_users: bool = False,
+  ):
+    self.user_embedding = user_embedding
+    self.heldout_users = heldout_users
+    if heldout_users:
+      # Unseen users: their ratings are both support and query (split later).
+      data = query if support is None else _merge(support, query)
+      self.client_data = federated.eval_client_data(None, data, batch_size, max_support_per_user)
+    else:
+      self.client_data = federated.eval_client_data(support, query, batch_size, max_support_per_user)
+    self.user_ids = list(self.client_data.client_ids)
+    spec_in = federated.eval_element_spec()
+    if user_embedding == model_fns.UserEmbedding.LOCAL:
+      if heldout_users:
+        split_fn = tff.learning.models.ReconstructionModel.build_dataset_split_fn(
+            recon_epochs=recon.recon_epochs,
+            recon_steps_max=recon.recon_steps_max,
+            post_recon_steps_max=recon.post_recon_steps_max,
+            split_dataset=True,
+        )
+      else:
+        split_fn = _split_by_query_flag
+      process = tff.learning.algorithms.build_fed_recon_eval(
+          model_fns.recon_model_fn(spec, input_spec=spec_in),
+          loss_fn=model_fns.loss_fn(spec.task),
+          metrics_fn=model_fns.metrics_fn(spec.task),
+          reconstruction_optimizer_fn=optimizers.build_optimizer(recon.optimizer),
+          dataset_split_fn=split_fn,
+      )
+    else:
+      process = tff.learning.algorithms.build_fed_eval(
+          model_fns.tff_model_fn(spec, user_embedding, input_spec=spec_in)
+      )
+    self._process = process
+    self._composed = tff.simulation.compose_dataset_computation_with_learning_process(
+        self.client_data.dataset_computation, process
+    )
+    self._state = process.initialize()
+
+  def __call__(self, model_weights: Any, user_ids: Optional[Sequence[str]] = None) -> collections.OrderedDict:
+    """Metrics of `model_weights` over `user_ids` (default: all users)."""
+    ids = self.user_ids if user_ids is None else list(user_ids)
+    state = self._process.set_model_weights(self._state, model_weights)
+    output = self._composed.next(state, ids)
+    metrics = output.metrics['client_work']['eval']['current_round_metrics']
+    return collections.OrderedDict((k, _to_python(v)) for k, v in metrics.items())
+
+
+def _to_python(v):
+  a = np.asarray(v)
+  return a.item() if a.ndim == 0 else a.tolist()
+
+
+def _merge(a: ratings_lib.Ratings, b: ratings_lib.Ratings) -> ratings_lib.Ratings:
+  return dataclasses.replace(
+      a,
+      users=np.concatenate([a.users, b.users]),
+      items=np.concatenate([a.items, b.items]),
+      ratings=np.concatenate([a.ratings, b.ratings]),
+      timestamps=np.concatenate([a.timestamps, b.timestamps]),
+  )
+
+
+class FinetuneEvaluator:
+  """FedAvg + local fine-tuning (TFF personalization evaluation)."""
+
+  def __init__(
+      self,
+      spec: model_fns.ModelSpec,
+      user_embedding: model_fns.UserEmbedding,
+      support: ratings_lib.Ratings,
+      query: ratings_lib.Ratings,
+      *,
+      batch_size: int = 32,
+      finetune_epochs: int = 1,
+      finetune_optimizer: optimizers.OptimizerConfig = optimizers.OptimizerConfig('sgd', 0.1),
+      max_clients: int = 10000,
+  ):
+    self._support = support
+    self._query = query
+    self._batch_size = batch_size
+    self.user_ids = [int(u) for u in query.present_users()]
+    model_fn = model_fns.tff_model_fn(spec, user_embedding)
+    keras_opt = optimizers.build_keras_optimizer
+    epochs = finetune_epochs
+
+    def finetune_fn():
+      # Builds a tf.function (personalize_fn contract) for one client.
+      opt = keras_opt(finetune_optimizer)
+
+      @tf.function
+      def personalize(model, train_data, test_data, context=None):
+        del context
+        variables = model.trainable_variables
+        opt.build(variables)
+        for _ in tf.range(epochs):
+          for batch in train_data:
+            with tf.GradientTape() as tape:
+              output = model.forward_pass(batch, training=True)
+            grads = tape.gradient(output.loss, variables)
+            opt.apply_gradients(zip(grads, variables))
+        return _evaluate(model, test_data)
+
+      return personalize
+
+    self._computation = tff.learning.algorithms.build_personalization_eval_computation(
+        model_fn,
+        personalize_fn_dict=collections.OrderedDict(finetune=finetune_fn),
+        baseline_evaluate_fn=_evaluate,
+        max_num_clients=max_clients,
+    )
+
+  def _client_input(self, user: int) -> collections.OrderedDict:
+    def ds(r: ratings_lib.Ratings):
+      sel = r.users == user
+      return tf.data.Dataset.from_tensor_slices(
+          collections.OrderedDict(
+              x=collections.OrderedDict(user=r.users[sel], item=r.items[sel]),
+              y=r.ratings[sel],
+          )
+      ).batch(self._batch_size)
+
+    return collections.OrderedDict(train_data=ds(self._support), test_data=ds(self._query))
+
+  def __call__(self, model_weights: Any, user_ids: Optional[Sequence[int]] = None) -> collections.OrderedDict:
+    users = self.user_ids if user_ids is None else list(user_ids)
+    data = [self._client_input(u) for u in users]
+    out = self._computation(model_weights, data)
+    result = collections.OrderedDict()
+    for name in ('baseline_metrics', 'finetune'):
+      for k, v in out[name].items():
+        result[f'{name}/{k}'] = float(np.mean(v))
+    return result
+
+
+@tf.function
+def _evaluate(model, dataset) -> collections.OrderedDict:
+  """Example-weighted loss of `model` on `dataset`."""
+  total = tf.constant(0.0)
+  count = tf.constant(0.0)
+  sq = tf.constant(0.0)
+  for batch in dataset:
+    output = model.forward_pass(batch, training=False)
+    n = tf.cast(output.num_examples, tf.float32)
+    total += output.loss * n
+    err = tf.cast(output.predictions, tf.float32) - tf.cast(batch['y'], tf.float32)
+    sq += tf.reduce_sum(tf.square(err))
+    count += n
+  return collections.OrderedDict(
+      loss=tf.math.divide_no_nan(total, count),
+      rmse=tf.sqrt(tf.math.divide_no_nan(sq, count)),
+      num_examples=count,
+  )

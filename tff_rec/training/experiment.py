@@ -1,0 +1,241 @@
+"""One federated training run, end to end, from a config (the binaries' core)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+from typing import Any, Callable, Mapping, Optional
+
+from absl import logging
+import numpy as np
+import tensorflow_federated as tff
+
+from tff_rec import runtime
+from tff_rec import version
+from tff_rec.data import federated
+from tff_rec.data import splits as splits_lib
+from tff_rec.models import registry
+from tff_rec.training import algorithms
+from tff_rec.training import artifacts
+from tff_rec.training import data_setup
+from tff_rec.training import evaluation
+from tff_rec.training import loop
+from tff_rec.training import model_fns
+from tff_rec.training import optimizers
+from tff_rec.training import sampling
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """A registry model name and its hyperparameters."""
+
+  name: str = 'mf'
+  hparams: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    if self.name not in registry.MODEL_NAMES:
+      raise ValueError(f'unknown model {self.name!r}; valid: {", ".join(registry.MODEL_NAMES)}')
+
+
+@dataclasses.dataclass(frozen=True)
+class FederatedConfig:
+  """Everything a federated run needs (the flags of run_federated)."""
+
+  data: data_setup.DataConfig = data_setup.DataConfig()
+  model: ModelConfig = ModelConfig()
+  algorithm: algorithms.AlgorithmConfig = algorithms.AlgorithmConfig()
+  clients_per_round: int = 50
+  total_rounds: int = 10
+  client_epochs: int = 1
+  batch_size: int = 32
+  max_examples_per_user: Optional[int] = None
+  sampling: str = 'fixed_size'
+  eval_every: int = 5
+  eval_clients: Optional[int] = None  # users per periodic evaluation (None: all)
+  recon_eval: evaluation.ReconEvalConfig = evaluation.ReconEvalConfig()
+  finetune_eval: bool = False
+  checkpoint_every: int = 1
+  root_output_dir: str = 'runs'
+  experiment_name: str = 'federated'
+  seed: int = 0
+  progress_bar: bool = True
+  worker_addresses: tuple[str, ...] = ()
+  max_concurrent_computation_calls: int = -1
+
+  def __post_init__(self):
+    for name in ('clients_per_round', 'total_rounds', 'client_epochs', 'batch_size', 'eval_every',
+                 'checkpoint_every'):
+      if getattr(self, name) <= 0:
+        raise ValueError(f'{name} must be positive, got {getattr(self, name)}')
+    if self.max_examples_per_user is not None and self.max_examples_per_user <= 0:
+      raise ValueError('max_examples_per_user must be positive')
+    if self.eval_clients is not None and self.eval_clients <= 0:
+      raise ValueError('eval_clients must be positive')
+
+  @property
+  def run_dir(self) -> str:
+    return os.path.join(self.root_output_dir, self.experiment_name)
+
+
+def model_spec(config: FederatedConfig, split: splits_lib.Split) -> model_fns.ModelSpec:
+  """The model spec over the split's catalog, seeded by the run seed."""
+  hparams = dict(config.model.hparams)
+  if config.model.name in ('mf',) and 'global_mean' not in hparams:
+    hparams['global_mean'] = split.train.global_mean()
+  builder = functools.partial(registry.build_model, config.model.name, **hparams)
+  return model_fns.ModelSpec(
+      builder=builder,
+      num_users=split.train.num_users,
+      num_items=split.train.num_items,
+      task=registry.default_task(config.model.name),
+      seed=config.seed,
+  )
+
+
+def install_runtime(config: FederatedConfig) -> None:
+  """Sets up TFF's execution context: local worker, or remote workers."""
+  if config.worker_addresses:
+    runtime.set_remote_context(list(config.worker_addresses))
+  else:
+    runtime.set_local_context(max_concurrent_computation_calls=config.max_concurrent_computation_calls)
+
+
+def _sample_eval(users: list[str], n: Optional[int], seed: int) -> Callable[[int], list[str]]:
+  def select(round_num: int) -> list[str]:
+    if n is None or n >= len(users):
+      return users
+    rng = np.random.default_rng([seed, 7919, round_num])
+    return sorted(rng.choice(users, size=n, replace=False).tolist(), key=int)
+  return select
+
+
+@dataclasses.dataclass
+class RunResult:
+  run_dir: str
+  test_metrics: dict
+  state: Any
+  final_model_dir: str
+  seconds: float
+
+
+def run_federated(
+    config: FederatedConfig,
+    split: Optional[splits_lib.Split] = None,
+    model_aggregator=None,
+    extra_metrics_fn: Optional[Callable[[int], Mapping[str, Any]]] = None,
+    total_rounds: Optional[int] = None,
+    hparams_extra: Optional[Mapping[str, Any]] = None,
+) -> RunResult:
+  """Trains per `config` (resuming if run_dir has a checkpoint) and evaluates on test."""
+  started = time.time()
+  split = split or data_setup.load_split(config.data)
+  logging.info('%s', split.summary())
+  train_users = split.train.present_users()
+  if config.clients_per_round > len(train_users):
+    raise ValueError(
+        f'clients_per_round={config.clients_per_round} exceeds the {len(train_users)} training users'
+    )
+  spec = model_spec(config, split)
+  user_embedding = algorithms.default_user_embedding(config.algorithm.name, split.heldout_users)
+  install_runtime(config)
+
+  run_dir = config.run_dir
+  os.makedirs(run_dir, exist_ok=True)
+  hparams = {
+      'config': dataclasses.asdict(config),
+      'user_embedding': user_embedding.value,
+      'split': split.summary(),
+      'versions': version.installed_versions(),
+      **(hparams_extra or {}),
+  }
+  artifacts.write_json(os.path.join(run_dir, 'hparams.json'), hparams)
+
+  process = algorithms.build_process(config.algorithm, spec, user_embedding, model_aggregator)
+  train_data = federated.client_data(
+      split.train,
+      federated.ClientDatasetConfig(
+          batch_size=config.batch_size,
+          num_epochs=config.client_epochs,
+          max_examples_per_user=config.max_examples_per_user,
+          seed=config.seed,
+          negatives_per_positive=0,
+      ),
+  )
+  composed = tff.simulation.compose_dataset_computation_with_learning_process(
+      train_data.dataset_computation, process
+  )
+  sampler = sampling.ClientSampler(train_users, config.clients_per_round, config.seed, config.sampling)
+
+  def evaluator_for(part) -> Optional[evaluation.FederatedEvaluator]:
+    if part.num_ratings == 0:
+      return None
+    return evaluation.FederatedEvaluator(
+        spec, user_embedding,
+        support=None if split.heldout_users else split.train,
+        query=part,
+        batch_size=config.batch_size,
+        max_support_per_user=config.max_examples_per_user,
+        recon=config.recon_eval,
+        heldout_users=split.heldout_users,
+    )
+
+  val_eval = evaluator_for(split.val) if split.val.num_ratings else None
+  periodic = val_eval or evaluator_for(split.test)
+  eval_selection = _sample_eval(periodic.user_ids, config.eval_clients, config.seed)
+  rounds = total_rounds or config.total_rounds
+  state = loop.run(
+      composed,
+      sampler,
+      run_dir,
+      loop.LoopConfig(
+          total_rounds=rounds,
+          eval_every=config.eval_every,
+          checkpoint_every=config.checkpoint_every,
+          progress_bar=config.progress_bar,
+      ),
+      evaluation_fn=periodic,
+      evaluation_selection_fn=eval_selection,
+      extra_metrics_fn=extra_metrics_fn,
+  )
+  weights = process.get_model_weights(state)
+  test_eval = evaluator_for(split.test) if periodic is val_eval else periodic
+  test_metrics = dict(test_eval(weights))
+  if config.finetune_eval and user_embedding == model_fns.UserEmbedding.SHARED:
+    support = split.test if split.heldout_users else split.train
+    finetune = evaluation.FinetuneEvaluator(spec, user_embedding, support, split.test,
+                                            batch_size=config.batch_size)
+    test_metrics.update(finetune(weights))
+  artifacts.write_json(os.path.join(run_dir, 'test_metrics.json'), test_metrics)
+
+  rec = spec.build(user_embedding)
+  assign_global_weights(rec, user_embedding, weights)
+  final_dir = artifacts.save_final_model(
+      run_dir, rec.keras_model, split.train,
+      {
+          'model': config.model.name,
+          'hparams': dict(spec.builder.keywords),
+          'task': spec.task,
+          'num_users': spec.num_users,
+          'num_items': spec.num_items,
+          'user_embedding': user_embedding.value,
+          'algorithm': config.algorithm.name,
+          'rounds': rounds,
+          'seed': config.seed,
+          'rating_scale': list(split.train.rating_scale),
+          'test_metrics': test_metrics,
+      },
+  )
+  return RunResult(run_dir, test_metrics, state, final_dir, time.time() - started)
+
+
+def assign_global_weights(rec, user_embedding: model_fns.UserEmbedding, weights) -> None:
+  """Copies TFF `ModelWeights` into a built model (its global part for FedRecon)."""
+  if user_embedding != model_fns.UserEmbedding.LOCAL:
+    weights.assign_weights_to(rec.keras_model)
+    return
+  trainable = [v for v in rec.global_variables if v.trainable]
+  non_trainable = [v for v in rec.global_variables if not v.trainable]
+  for var, value in zip(trainable + non_trainable, list(weights.trainable) + list(weights.non_trainable)):
+    var.assign(value)
