@@ -1,7 +1,8 @@
 """User-level (epsilon, delta) accounting for DP-FedAvg, DP-FTRL and DP-SGD.
 
-All math is done by `dp_accounting` 0.4.3; this module only builds the
-`DpEvent` that describes a training plan and picks the accountant.
+All epsilon math is done by `dp_accounting` 0.4.3 (and, for the CLT estimate,
+TF Privacy's `gdp_accountant`); this module only builds the `DpEvent` that
+describes a training plan and picks the accountant.
 
 What the guarantee covers. The unit of privacy is one user = one client, i.e.
 all of a user's ratings at once. A training run of `rounds` rounds releases the
@@ -39,7 +40,15 @@ Adjacency (neighbouring datasets) depends on the plan:
   take consecutive blocks). Adjacency: replace one user's data by the special
   zero record (`REPLACE_SPECIAL`, Kairouz et al. Definition 1.1); sensitivity
   of every tree node = clip. RDP accountant only
-  (`SingleEpochTreeAggregationDpEvent`).
+  (`SingleEpochTreeAggregationDpEvent`). The tree must be restarted at least
+  once per epoch, at epoch boundaries (TFF's `tree_aggregation` alone never
+  restarts; wrap its query in TF Privacy's `RestartQuery` with a
+  `PeriodicRoundRestartIndicator(restart_rounds)`).
+
+Not covered: state a client keeps or releases locally (e.g. its own user
+embedding and the recommendations computed from it), weighting by
+data-dependent counts, and privacy spent on hyper-parameter search or on
+earlier runs over the same users.
 
 Central DP-SGD (`dpsgd_epsilon`) is the same Poisson code path with examples
 (or users) in place of clients.
@@ -105,7 +114,7 @@ class UnsupportedAccountingError(ValueError):
 # Argument checks.
 
 
-def _check_int(name: str, value, minimum: int = 1) -> int:
+def _check_int(name: str, value: object, minimum: int = 1) -> int:
   """Returns `value` as int; raises ValueError naming `name` if not >= minimum."""
   if isinstance(value, bool) or not isinstance(value, numbers.Integral):
     raise ValueError(f'{name} must be an integer, got {value!r}')
@@ -114,7 +123,7 @@ def _check_int(name: str, value, minimum: int = 1) -> int:
   return int(value)
 
 
-def _check_positive(name: str, value) -> float:
+def _check_positive(name: str, value: object) -> float:
   """Returns `value` as float; raises ValueError naming `name` if not > 0."""
   if isinstance(value, bool) or not isinstance(value, numbers.Real):
     raise ValueError(f'{name} must be a number, got {value!r}')
@@ -123,7 +132,7 @@ def _check_positive(name: str, value) -> float:
   return float(value)
 
 
-def _check_delta(delta) -> float:
+def _check_delta(delta: object) -> float:
   """Returns `delta` as float; raises ValueError unless 0 < delta < 1."""
   if isinstance(delta, bool) or not isinstance(delta, numbers.Real):
     raise ValueError(f'delta must be a number, got {delta!r}')

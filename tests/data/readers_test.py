@@ -192,6 +192,12 @@ class TestBadInput:
       ('3\t20\t2\t881250970\textra', 'expected 4 fields'),
       ('', 'empty line'),
       ('3\t20\tnan\t881250970', 'non-numeric rating'),
+      ('3\t20\t4e0\t881250970', 'non-numeric rating'),
+      ('3\t20\t+4\t881250970', 'non-numeric rating'),
+      ('3\t20\t 4\t881250970', 'non-numeric rating'),
+      ('3\t20\t4\t+881250970', 'non-integer timestamp'),
+      ('3\t20\t4\t 881250970', 'non-integer timestamp'),
+      ('+3\t20\t4\t881250970', "user id '+3' is not a non-negative integer"),
       ('3\t20\t-1\t881250970', 'non-numeric rating'),
       ('3\t20\t0\t881250970', 'outside the rating scale'),
       ('3\t20\t4.5\t881250970', 'outside the rating scale 1..5 in steps of 1'),
@@ -267,9 +273,9 @@ class TestBadInput:
       readers.read_csv(str(path), has_header=False)
 
   def test_duplicate_pairs_can_be_allowed(self):
-    res = readers._read(fixture('bad_duplicate.data'), None,
-                        readers._Layout(b'\t', 4, 0, 1, 2, 3, True, readers.STARS),
-                        name='dup', allow_duplicates=True)
+    res = readers.read_csv(fixture('bad_duplicate.data'), user_col=0, item_col=1, rating_col=2,
+                           timestamp_col=3, delimiter='\t', has_header=False,
+                           allow_duplicates=True)
     assert res.ratings.num_ratings == 2
 
 

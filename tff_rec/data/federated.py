@@ -161,10 +161,19 @@ def client_data(
 
 
 def eval_element_spec() -> collections.OrderedDict:
-  """Element spec of evaluation datasets: `query` marks held-out rows."""
+  """Element spec of support+query datasets: `x['query']` marks query rows.
+
+  Consumers strip `query` (see `strip_query`) before batches reach a model.
+  """
   spec = element_spec()
-  spec['query'] = tf.TensorSpec([None], tf.bool)
+  spec['x']['query'] = tf.TensorSpec([None], tf.bool)
   return spec
+
+
+def strip_query(element: collections.OrderedDict) -> collections.OrderedDict:
+  """A batch without the `x['query']` marker."""
+  x = collections.OrderedDict((k, v) for k, v in element['x'].items() if k != 'query')
+  return collections.OrderedDict(x=x, y=element['y'])
 
 
 def make_eval_dataset_fn(
@@ -175,10 +184,11 @@ def make_eval_dataset_fn(
 ):
   """A serializable `client_id -> dataset` of a user's support then query rows.
 
-  Support rows (`query=False`) are what a model may adapt to (reconstruct a
-  user embedding, fine-tune); query rows (`query=True`) are scored. With no
-  `support`, every row has `query=False` and the consumer splits the data
-  itself (e.g. FedRecon's even/odd batch split for unseen users).
+  Support rows (`x['query']=False`) are what a model may adapt to
+  (reconstruct a user embedding, fine-tune); query rows (`True`) are scored.
+  With no `support`, elements have the plain `element_spec()` (no marker):
+  the query rows alone, or data the consumer splits itself (e.g. FedRecon's
+  even/odd batch split for unseen users).
   """
   q = _Tables(_cap_latest(query, None))
   s = _Tables(_cap_latest(support, max_support_per_user)) if support is not None else None
@@ -196,22 +206,22 @@ def make_eval_dataset_fn(
     else:
       s_items = tf.zeros([0], tf.int32)
       s_labels = tf.zeros([0], tf.float32)
+    query_ds = _pairs(user, q_items, q_labels, True if mark else None).batch(batch_size)
+    if not mark:
+      return query_ds
     support_ds = _pairs(user, s_items, s_labels, False).batch(batch_size)
-    query_ds = _pairs(user, q_items, q_labels, mark).batch(batch_size)
     return support_ds.concatenate(query_ds)
 
   return dataset_fn
 
 
-def _pairs(user, items, labels, is_query: bool) -> tf.data.Dataset:
+def _pairs(user, items, labels, mark: Optional[bool]) -> tf.data.Dataset:
+  """Rows of one user; with `x['query']=mark` unless mark is None."""
   n = tf.shape(items)[0]
-  return tf.data.Dataset.from_tensor_slices(
-      collections.OrderedDict(
-          x=collections.OrderedDict(user=tf.fill([n], user), item=items),
-          y=labels,
-          query=tf.fill([n], is_query),
-      )
-  )
+  x = collections.OrderedDict(user=tf.fill([n], user), item=items)
+  if mark is not None:
+    x['query'] = tf.fill([n], mark)
+  return tf.data.Dataset.from_tensor_slices(collections.OrderedDict(x=x, y=labels))
 
 
 def eval_client_data(

@@ -100,8 +100,12 @@ def read_ncf(source: str, prefix: str = 'ml-1m', *, num_negatives: int = 99,
   neg_path = readers.locate(source, f'{prefix}.test.negative')
   train = readers.parse_records(train_path, scale=readers.STARS)
   test = readers.parse_records(test_path, scale=readers.STARS)
-  n_users = num_users if num_users is not None else int(max(train.users.max(), test.users.max())) + 1
-  n_items = num_items if num_items is not None else int(max(train.items.max(), test.items.max())) + 1
+  n_users = num_users
+  if n_users is None:
+    n_users = int(max(train.users.max(), test.users.max())) + 1
+  n_items = num_items
+  if n_items is None:
+    n_items = int(max(train.items.max(), test.items.max())) + 1
   for parsed in (train, test):
     readers.check_ids_in_range(parsed.users, n_users, path=parsed.source, lines=parsed.lines,
                                what='user id')

@@ -27,6 +27,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from typing import Callable, Optional
 
 from tff_rec.data import checksum as checksum_lib
@@ -173,8 +174,6 @@ def _finish(spec: DatasetSpec, source: str, result: readers.ReadResult, verified
   path = readers.locate(source, spec.ratings_file, subdir=spec.folder, search_subfolders=False)
   info = SourceInfo(spec.name, origin, path, result.checksum, verified,
                     fold_source=folds, user_catalog=catalog)
-  _log.info('Read %s from %s (%s, %d ratings)', spec.name, info.path, origin,
-               result.ratings.num_ratings)
   return result.ratings, info
 
 
@@ -238,7 +237,7 @@ def download(url: str, dest: str, *, expected_sha256: Optional[str] = None,
       try:
         with zipfile.ZipFile(tmp) as z:
           bad = z.testzip()
-      except (zipfile.BadZipFile, OSError, EOFError) as e:
+      except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as e:
         raise IntegrityError(f'downloaded file is not a valid zip ({e})', path=url) from None
       if bad is not None:
         raise IntegrityError(f'corrupt member {bad!r} in the downloaded zip', path=url)
@@ -340,17 +339,34 @@ def load_movielens(
   `check_catalog`, a user catalog (`u.user`, `users.dat`) found next to the
   ratings is checked: every listed user must have ratings.
   """
-  spec = dataset_spec(name)
+  r, info = _load(dataset_spec(name), data_dir, cache_dir, allow_download, url,
+                  expected_sha256, allow_wheel_fallback, check_catalog, timeout)
+  _log.info('Read %s from %s (%s, %d ratings, checksum %s)', name, info.path, info.origin,
+            r.num_ratings, 'verified' if info.checksum_verified else 'not published')
+  return r, info
+
+
+def _load(spec: DatasetSpec, data_dir: Optional[str], cache_dir: Optional[str],
+          allow_download: bool, url: Optional[str], expected_sha256: Optional[str],
+          allow_wheel_fallback: bool, check_catalog: bool,
+          timeout: float) -> tuple[ratings_lib.Ratings, SourceInfo]:
+  """`load_movielens` without the final log line."""
+  name = spec.name
   if data_dir is not None:
     return _read_container(spec, _container(spec, data_dir), 'data_dir', check_catalog)
 
   cache = cache_dir_path(cache_dir)
   cached_zip = os.path.join(cache, f'{name}.zip')
-  if os.path.isfile(cached_zip):
-    return _read_container(spec, cached_zip, 'cache', check_catalog)
   cached_inter = os.path.join(cache, WHEEL_CACHE_NAME)
-  if name == 'ml-100k' and os.path.isfile(cached_inter):
-    return _read_inter(cached_inter, 'cache')
+  for path in (cached_zip, cached_inter if name == 'ml-100k' else None):
+    if path is not None and os.path.isfile(path):
+      try:
+        if path == cached_zip:
+          return _read_container(spec, path, 'cache', check_catalog)
+        return _read_inter(path, 'cache')
+      except IntegrityError as e:
+        raise IntegrityError(f'corrupt cache entry ({e}); delete it to fetch it again',
+                             path=path) from None
   if not allow_download:
     raise DataError(f'{name} not found in the cache and downloads are disabled; '
                     'pass --data_dir with a local copy', path=cache)
@@ -364,6 +380,7 @@ def load_movielens(
     result = spec.reader(path, name=name)
     checked['verified'] = _verify_checksum(name, result)
     checked['result'] = result
+    _finish(spec, tmp, result, checked['verified'], 'download', check_catalog)
 
   try:
     _log.info('Downloading %s from %s', name, source_url)
@@ -373,8 +390,8 @@ def load_movielens(
     if name != 'ml-100k' or not allow_wheel_fallback:
       raise
     _log.warning('%s; falling back to ml-100k.inter from the PyPI wheel %s',
-                    e, RECBOLE_REQUIREMENT)
+                 e, RECBOLE_REQUIREMENT)
     return _read_inter(fetch_recbole_ml100k(cache, timeout=max(timeout, 300.0)),
                        'recbole_wheel')
   return _finish(spec, cached_zip, checked['result'], checked['verified'], 'download',
-                 check_catalog)
+                 check_catalog=False)  # checked before the rename

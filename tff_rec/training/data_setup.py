@@ -65,7 +65,7 @@ def load_split(config: DataConfig) -> splits.Split:
   if config.dataset == 'ncf-ml-1m':
     if config.data_dir is None:
       raise ValueError('ncf-ml-1m needs --data_dir pointing at the NCF files (ncf-ml-1m.zip)')
-    return ncf.read_ncf_split(config.data_dir)
+    return ncf.read_ncf(config.data_dir)
   if config.split == 'ml100k_fold':
     if config.dataset != 'ml-100k' or config.data_dir is None:
       raise ValueError('the ml100k_fold split needs --dataset=ml-100k and --data_dir with u1..u5 files')

@@ -38,12 +38,17 @@ class ReconEvalConfig:
   post_recon_steps_max: Optional[int] = None
 
 
-def _split_by_query_flag(dataset: tf.data.Dataset):
-  """Support rows for reconstruction, query rows for evaluation."""
-  recon = dataset.unbatch().filter(lambda e: tf.logical_not(e['query']))
-  post = dataset.unbatch().filter(lambda e: e['query'])
-  batch = 64
-  return recon.batch(batch), post.batch(batch)
+def _split_by_query_flag(batch_size: int):
+  """A split fn: support rows reconstruct, query rows are evaluated."""
+
+  def split(dataset: tf.data.Dataset):
+    rows = dataset.unbatch()
+    recon = rows.filter(lambda e: tf.logical_not(e['x']['query']))
+    post = rows.filter(lambda e: e['x']['query'])
+    return (recon.batch(batch_size).map(federated.strip_query),
+            post.batch(batch_size).map(federated.strip_query))
+
+  return split
 
 
 class FederatedEvaluator:
@@ -63,15 +68,21 @@ class FederatedEvaluator:
   ):
     self.user_embedding = user_embedding
     self.heldout_users = heldout_users
+    reconstructs = user_embedding == model_fns.UserEmbedding.LOCAL
     if heldout_users:
       # Unseen users: their ratings are both support and query (split later).
       data = query if support is None else _merge(support, query)
       self.client_data = federated.eval_client_data(None, data, batch_size, max_support_per_user)
-    else:
+      spec_in = federated.element_spec()
+    elif reconstructs:
       self.client_data = federated.eval_client_data(support, query, batch_size, max_support_per_user)
+      spec_in = federated.eval_element_spec()
+    else:
+      # The user's own (trained) row scores its query ratings directly.
+      self.client_data = federated.eval_client_data(None, query, batch_size)
+      spec_in = federated.element_spec()
     self.user_ids = list(self.client_data.client_ids)
-    spec_in = federated.eval_element_spec()
-    if user_embedding == model_fns.UserEmbedding.LOCAL:
+    if reconstructs:
       if heldout_users:
         split_fn = tff.learning.models.ReconstructionModel.build_dataset_split_fn(
             recon_epochs=recon.recon_epochs,
@@ -80,7 +91,7 @@ class FederatedEvaluator:
             split_dataset=True,
         )
       else:
-        split_fn = _split_by_query_flag
+        split_fn = _split_by_query_flag(batch_size)
       process = tff.learning.algorithms.build_fed_recon_eval(
           model_fns.recon_model_fn(spec, input_spec=spec_in),
           loss_fn=model_fns.loss_fn(spec.task),

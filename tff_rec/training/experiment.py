@@ -239,3 +239,11 @@ def assign_global_weights(rec, user_embedding: model_fns.UserEmbedding, weights)
   non_trainable = [v for v in rec.global_variables if not v.trainable]
   for var, value in zip(trainable + non_trainable, list(weights.trainable) + list(weights.non_trainable)):
     var.assign(value)
+
+
+def summary_line(result: RunResult) -> str:
+  """One human line: where the run is and its test metrics."""
+  shown = ', '.join(
+      f'{k}={v:.4f}' for k, v in result.test_metrics.items() if isinstance(v, float)
+  )
+  return f'{result.run_dir}: test {shown} ({result.seconds:.0f}s)'

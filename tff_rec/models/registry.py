@@ -1,0 +1,70 @@
+"""Recommender builders by name."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from tff_rec.models import base
+from tff_rec.models import mf
+from tff_rec.models import neumf
+from tff_rec.models import two_tower
+
+MODEL_NAMES = ('mf', 'gmf', 'mlp', 'neumf', 'ncf_softmax', 'two_tower')
+
+_BUILDERS: dict[str, base.ModelBuilder] = {
+    'mf': mf.build_mf,
+    'gmf': neumf.build_gmf,
+    'mlp': neumf.build_mlp,
+    'neumf': neumf.build_neumf,
+    'ncf_softmax': neumf.build_ncf_softmax_rating,
+    'two_tower': two_tower.build_two_tower,
+}
+
+_TASKS = {
+    'mf': base.TASK_RATING,
+    'gmf': base.TASK_IMPLICIT,
+    'mlp': base.TASK_IMPLICIT,
+    'neumf': base.TASK_IMPLICIT,
+    'ncf_softmax': base.TASK_RATING,
+    'two_tower': base.TASK_IMPLICIT,
+}
+
+
+def _check_name(name: str) -> None:
+  if name not in _BUILDERS:
+    raise ValueError(f'unknown model {name!r}; valid: {", ".join(MODEL_NAMES)}')
+
+
+def hparam_names(name: str) -> tuple[str, ...]:
+  """The hyperparameters `build_model(name, ...)` accepts as keywords."""
+  _check_name(name)
+  params = inspect.signature(_BUILDERS[name]).parameters
+  return tuple(p for p, v in params.items()
+               if v.kind == inspect.Parameter.KEYWORD_ONLY and p not in ('personal', 'seed'))
+
+
+def build_model(name: str, num_users: int, num_items: int, *, personal: bool = False,
+                seed: int = 0, **hparams: Any) -> base.RecModel:
+  """Builds the model `name`; unknown names or hyperparameters raise ValueError."""
+  _check_name(name)
+  valid = hparam_names(name)
+  unknown = sorted(set(hparams) - set(valid))
+  if unknown:
+    raise ValueError(
+        f'model {name!r} has no hyperparameter(s) {", ".join(unknown)}; valid: {", ".join(valid)}')
+  return _BUILDERS[name](num_users, num_items, personal=personal, seed=seed, **hparams)
+
+
+def default_task(name: str, **hparams: Any) -> str:
+  """The task (`base.TASK_RATING` / `TASK_IMPLICIT`) of model `name`.
+
+  Models with a `task` hyperparameter (gmf, mlp, neumf) report it when given.
+  """
+  _check_name(name)
+  task = hparams.get('task')
+  if task is None or 'task' not in hparam_names(name):
+    return _TASKS[name]
+  if task not in (base.TASK_RATING, base.TASK_IMPLICIT):
+    raise ValueError(f'unknown task {task!r} for model {name!r}')
+  return task
