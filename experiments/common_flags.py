@@ -49,6 +49,15 @@ def define_output_flags(default_name: str) -> None:
   flags.DEFINE_integer('seed', 0, 'Seed for splits, sampling, shuffling and initialization.')
 
 
+def quiet_logging() -> None:
+  """Warnings and errors only (the progress bar shows progress), unless --verbosity is given."""
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  if not FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    tf.get_logger().setLevel('ERROR')
+
+
 def _positive(name: str, allow_none: bool = False) -> None:
   value = FLAGS[name].value
   if value is None and allow_none:

@@ -10,6 +10,7 @@ model under --root_output_dir/--experiment_name.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 from absl import app
@@ -17,6 +18,7 @@ from absl import flags
 from absl import logging
 
 from experiments import common_flags
+from experiments import dp_flags
 from tff_rec.data import errors
 from tff_rec.training import algorithms
 from tff_rec.training import data_setup
@@ -32,6 +34,7 @@ common_flags.define_output_flags('federated')
 common_flags.define_optimizer_flags('client', 'sgd', 0.1)
 common_flags.define_optimizer_flags('server', 'sgd', 1.0)
 common_flags.define_optimizer_flags('reconstruction', 'sgd', 0.1)
+dp_flags.define_dp_flags()
 
 flags.DEFINE_enum('algorithm', 'fedavg', list(algorithms.ALGORITHMS), 'Federated algorithm.')
 flags.DEFINE_enum('weighting', 'num_examples', list(algorithms.WEIGHTINGS),
@@ -51,6 +54,8 @@ flags.DEFINE_integer('recon_steps_max', None, 'FedRecon: max reconstruction step
 flags.DEFINE_integer('post_recon_steps_max', None, 'FedRecon: max post-reconstruction steps.')
 flags.DEFINE_bool('split_dataset', False, 'FedRecon training: even batches reconstruct, odd batches train.')
 flags.DEFINE_bool('finetune_eval', False, 'FedAvg on unseen users: also report local fine-tuning.')
+flags.DEFINE_bool('row_sparse_mean', True, 'Average embedding-table rows over the clients that '
+                  'touched them (False: TFF\'s plain mean, as in the FedRecon paper). Off with DP.')
 flags.DEFINE_bool('progress_bar', True, 'Show a progress bar.')
 flags.DEFINE_list('workers', [], 'host:port of running TFF worker_binary processes (default: one local worker).')
 flags.DEFINE_integer('max_concurrent_computation_calls', -1, 'Local worker concurrency cap (-1: none).')
@@ -77,6 +82,7 @@ def config_from_flags() -> experiment.FederatedConfig:
         recon_steps_max=FLAGS.recon_steps_max,
         post_recon_steps_max=FLAGS.post_recon_steps_max,
         split_dataset=FLAGS.split_dataset,
+        row_sparse_mean=FLAGS.row_sparse_mean,
     )
   except ValueError as e:
     raise app.UsageError(f'--algorithm/--weighting/--proximal_strength: {e}') from e
@@ -112,13 +118,21 @@ def config_from_flags() -> experiment.FederatedConfig:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  common_flags.quiet_logging()
   config = config_from_flags()
+  dp_config = dp_flags.dp_config_from_flags()
   try:
     split = data_setup.load_split(config.data)
   except (errors.DataError, ValueError) as e:
     raise app.UsageError(f'--dataset/--data_dir: {e}') from e
   common_flags.check_population(config.clients_per_round, split)
-  result = experiment.run_federated(config, split=split)
+  config, dp = dp_flags.prepare_dp_for_run(dp_config, config, split)
+  if dp.needs_secure_context:
+    config = dataclasses.replace(config, secure_intrinsics=True)
+  result = experiment.run_federated(
+      config, split=split, model_aggregator=dp.aggregator,
+      extra_metrics_fn=dp.extra_metrics_fn, total_rounds=dp.total_rounds,
+      hparams_extra={'dp': dp.report()})
   logging.info('Test metrics: %s', result.test_metrics)
   print(experiment.summary_line(result))
 

@@ -249,8 +249,6 @@ def _noise_only_step(model: tf.keras.Model, config: DpSgdConfig) -> None:
   """The update of an empty batch: the Gaussian noise alone."""
   stddev = config.noise_multiplier * config.l2_norm_clip
   variables = model.trainable_variables
-  if not model.optimizer.built:
-    model.optimizer.build(variables)
   grads = [tf.random.normal(v.shape, stddev=stddev) for v in variables]
   model.optimizer.apply_gradients(zip(grads, variables))
 

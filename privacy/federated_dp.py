@@ -31,16 +31,25 @@ Assumptions the number depends on:
   at most once per epoch of ceil(population / clients_per_round) rounds) for
   the tree modes (`EpochShuffleSampler`), with the tree restarted at least
   once per epoch, at epoch boundaries.
+* In this simulation the participants of a round are a deterministic
+  function of --seed (recorded in hparams.json). Privacy amplification by
+  sampling assumes nobody outside the server knows who took part, so the
+  reported ε is that of a deployment with secret random sampling; whoever
+  knows the seed can tell who participated.
 * Uniform client weighting (a count-weighted mean gives users with many
   ratings unbounded influence) and one client per user.
 * The population (the users that can be sampled) is fixed and public.
 
 Federated Reconstruction: user embeddings are local variables, rebuilt on the
 device every round and never sent; only the update of the global variables
-(item embeddings, biases, towers) is clipped, noised and aggregated. The
-guarantee is about what the server sees and releases; a user's own embedding
-and the recommendations computed on the device are not released and not part
-of it. FedAvg with a user table (each user's own row inside the global model)
+(item embeddings, biases, towers) is clipped, noised and aggregated. A
+user's own embedding and the recommendations computed on the device are
+never released, so they are not part of the guarantee.
+
+Trust: the guarantee is about what is released, not about what the server
+sees. In the central modes a trusted server receives every clipped update in
+the clear and adds the noise; only 'ddp' (clients add noise shares, secure
+aggregation reveals only the sum) limits what the server itself learns. FedAvg with a user table (each user's own row inside the global model)
 is refused: the released model would contain every participant's row, which
 no clipping of the update turns into a meaningful user-level guarantee for
 per-user parameters; use FedRecon. The row-sparse mean is never used with DP
@@ -76,11 +85,10 @@ import math
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from absl import logging
-import numpy as np
 
 from privacy import accounting
 from privacy import dp_aggregators
-from tff_rec.data import federated
+from tff_rec.training import sampling as sampling_lib
 
 DpConfig = dp_aggregators.DpConfig
 MODES = dp_aggregators.MODES
@@ -209,6 +217,8 @@ def _not_covered(config: DpConfig, sampling: str) -> list[str]:
   items = [
       'per-round training metrics aggregated from clients (metrics.csv, TensorBoard)',
       'evaluation metrics (validation/test), computed without noise',
+      'who took part: the simulated sampling is a function of the recorded seed '
+      '(epsilon assumes secret random sampling)',
   ]
   if sampling == 'poisson':
     items.append('the number of clients in each round')
@@ -360,45 +370,7 @@ def prepare_dp(
   )
 
 
-class EpochShuffleSampler:
-  """Clients per round with each user at most once per epoch (tree modes).
-
-  Epoch e covers rounds e*L+1 .. (e+1)*L with L = ceil(population /
-  clients_per_round); its rounds take consecutive blocks of a permutation of
-  the users drawn from (seed, e); the last block may be smaller. Same
-  interface as `tff_rec.training.sampling.ClientSampler` (rounds are 1-based).
-  """
-
-  def __init__(self, users: Sequence[int], clients_per_round: int, seed: int):
-    self.users = np.asarray(users, dtype=np.int64)
-    if len(self.users) == 0:
-      raise ValueError('no users to sample from')
-    if not 0 < clients_per_round <= len(self.users):
-      raise ValueError(f'clients_per_round={clients_per_round} must be in [1, {len(self.users)}]')
-    self.clients_per_round = int(clients_per_round)
-    self.seed = int(seed)
-    self.mode = EPOCH_SAMPLING
-
-  @property
-  def population(self) -> int:
-    return len(self.users)
-
-  @property
-  def sampling_probability(self) -> float:
-    return self.clients_per_round / self.population
-
-  @property
-  def epoch_rounds(self) -> int:
-    return accounting.epoch_rounds(self.clients_per_round, self.population)
-
-  def users_for_round(self, round_num: int) -> np.ndarray:
-    """Dense user indices of 1-based round `round_num` (sorted)."""
-    if round_num < 1:
-      raise ValueError(f'rounds are 1-based, got {round_num}')
-    epoch, position = divmod(int(round_num) - 1, self.epoch_rounds)
-    perm = np.random.default_rng([self.seed, 1, epoch]).permutation(self.users)
-    start = position * self.clients_per_round
-    return np.sort(perm[start:start + self.clients_per_round])
-
-  def __call__(self, round_num: int) -> list[str]:
-    return [federated.client_id(u, round_num) for u in self.users_for_round(round_num)]
+def EpochShuffleSampler(users: Sequence[int], clients_per_round: int,  # pylint: disable=invalid-name
+                        seed: int) -> sampling_lib.ClientSampler:
+  """Clients per round with each user at most once per epoch (tree modes)."""
+  return sampling_lib.ClientSampler(users, clients_per_round, seed, mode=EPOCH_SAMPLING)

@@ -146,3 +146,12 @@ def test_every_src_exists():
   for label, target in TARGETS.items():
     for src in target['srcs']:
       assert os.path.isfile(os.path.join(ROOT, target['package'], src)), f'{label}: missing {src}'
+
+
+def test_build_files_match_the_generator():
+  """`tools/update_build.py --check`: BUILD files are regenerated, not stale."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'update_build.py'), '--check'],
+                        capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stdout + proc.stderr

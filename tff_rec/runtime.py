@@ -222,6 +222,25 @@ def _make_context(factory, secure_intrinsics: bool, sync: bool):
   )
 
 
+def disarm_default_context() -> None:
+  """Makes TFF's import-time default context harmless once we replace it.
+
+  It never started a worker (we install ours first), but its service
+  manager's `__del__` runs during interpreter shutdown, when `subprocess` is
+  already gone, and prints an AttributeError traceback. Give that one local
+  class a no-op `__del__` when its process was never started.
+  """
+  import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
+
+  context = tff.framework.get_context_stack().current
+  factory = getattr(context, '_executor_factory', None)
+  stack_fn = getattr(factory, '_executor_stack_fn', None)
+  for cell in getattr(stack_fn, '__closure__', None) or ():
+    manager = cell.cell_contents
+    if type(manager).__name__ == 'ServiceManager' and getattr(manager, '_process', 1) is None:
+      type(manager).__del__ = lambda self: None
+
+
 def set_local_context(
     *,
     max_concurrent_computation_calls: int = -1,
@@ -236,6 +255,7 @@ def set_local_context(
   import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
 
   global _installed
+  disarm_default_context()
   stop_all_workers()
   worker = LocalWorker(
       max_concurrent_computation_calls=max_concurrent_computation_calls,
@@ -263,6 +283,7 @@ def set_remote_context(
   global _installed
   if not addresses:
     raise ValueError('set_remote_context needs at least one worker address')
+  disarm_default_context()
   contexts = []
   for address in addresses:
     factory = _executor_factory(address, None, default_num_clients)

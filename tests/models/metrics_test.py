@@ -47,7 +47,8 @@ def test_means_are_per_example_across_uneven_batches():
   err = Y_PRED.astype(np.float64) - Y_TRUE
   assert _result(metrics.MeanSquaredError(), batches) == pytest.approx(np.mean(err ** 2))
   assert _result(metrics.MeanAbsoluteError(), batches) == pytest.approx(np.mean(np.abs(err)))
-  assert _result(metrics.RootMeanSquaredError(), batches) == pytest.approx(np.sqrt(np.mean(err ** 2)))
+  rmse = np.sqrt(np.mean(err ** 2))
+  assert _result(metrics.RootMeanSquaredError(), batches) == pytest.approx(rmse)
   # Keras' built-in averages per batch for [B] vectors (why we have our own).
   assert _result(tf.keras.metrics.MeanSquaredError(), batches) != pytest.approx(np.mean(err ** 2))
   # [B, 1] labels with [B] predictions are not broadcast into [B, B].
@@ -60,7 +61,8 @@ def test_implicit_metrics_by_hand():
   labels = np.array([1.0, 0.0, 1.0, 0.0], np.float32)
   logits = np.array([2.0, -1.0, -0.5, 0.5], np.float32)
   bce = np.mean(np.log1p(np.exp(-np.where(labels > 0, logits, -logits))))
-  assert _result(metrics.BinaryCrossentropyFromLogits(), [(labels, logits)]) == pytest.approx(bce, rel=1e-6)
+  result = _result(metrics.BinaryCrossentropyFromLogits(), [(labels, logits)])
+  assert result == pytest.approx(bce, rel=1e-6)
   assert _result(metrics.LogitAccuracy(), [(labels, logits)]) == pytest.approx(0.5)
   auc = [m for m in metrics.implicit_metrics_fn() if m.name == 'auc'][0]
   # Positives {2, -0.5} vs negatives {-1, 0.5}: 3 of 4 pairs ordered right.
@@ -144,7 +146,8 @@ def test_sampled_checks_shapes():
     metrics.sampled_ranks(_table_score_fn(np.zeros((2, 2))), np.array([0]), np.array([1]),
                           np.array([0, 1]))
   with pytest.raises(ValueError, match='returned 1 scores for 3 pairs'):
-    metrics.sampled_ranks(lambda u, i: np.zeros(1), np.array([0]), np.array([1]), np.array([[0, 1]]))
+    metrics.sampled_ranks(lambda u, i: np.zeros(1), np.array([0]), np.array([1]),
+                          np.array([[0, 1]]))
   with pytest.raises(ValueError, match='positive integer'):
     metrics.hit_rate_and_ndcg_sampled(_table_score_fn(np.zeros((2, 2))), np.array([0]),
                                       np.array([1]), np.array([[0]]), k=0)

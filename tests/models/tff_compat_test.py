@@ -17,7 +17,7 @@ NUM_USERS, NUM_ITEMS = 5, 12
 
 
 @pytest.fixture(scope='module', autouse=True)
-def tff_context():
+def local_tff_context():
   """TFF on our own local worker (never TFF's default, which leaks workers).
 
   The worker is left running for later tests in this process; the runtime

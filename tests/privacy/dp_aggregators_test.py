@@ -12,11 +12,14 @@ DIM = 2000
 
 
 @pytest.fixture(scope='module', autouse=True)
-def tff_context():
-  """One local worker that also runs secure sums (for 'ddp'); stopped after."""
+def secure_context():
+  """Our local context, also running secure sums (for 'ddp').
+
+  It replaces the session context of tests/conftest.py (whose worker it
+  stops) and stays installed for later tests: it runs every computation the
+  plain one does. Workers are stopped at exit by tff_rec.runtime.
+  """
   runtime.set_local_context(secure_intrinsics=True)
-  yield
-  runtime.stop_all_workers()
 
 
 def _run(config, clients_per_round, rounds_values, restart_rounds=None, dim=DIM):

@@ -108,14 +108,17 @@ def make_dataset_fn(r: ratings_lib.Ratings, config: ClientDatasetConfig):
     if config.negatives_per_positive:
       num_neg = n * config.negatives_per_positive
       # Sample uniformly among the items this user has not rated.
-      rated = tf.scatter_nd(
-          tf.expand_dims(tf.cast(u_items, tf.int64), 1),
-          tf.ones_like(u_items, tf.bool),
-          [tables.num_items],
+      rated = tf.tensor_scatter_nd_update(
+          tf.zeros([tables.num_items], tf.int32),
+          tf.expand_dims(u_items, 1),
+          tf.ones_like(u_items),
       )
-      candidates = tf.cast(tf.where(tf.logical_not(rated))[:, 0], tf.int32)
+      candidates = tf.cast(tf.where(tf.equal(rated, 0))[:, 0], tf.int32)
+      num_candidates = tf.shape(candidates, out_type=tf.int64)[0]
+      # A user who rated every item gets no negatives.
+      num_neg = tf.where(num_candidates > 0, num_neg, tf.zeros_like(num_neg))
       picks = tf.random.stateless_uniform(
-          [num_neg], seed=seed + 7, maxval=tf.shape(candidates, out_type=tf.int64)[0], dtype=tf.int64
+          [num_neg], seed=seed + 7, maxval=tf.maximum(num_candidates, 1), dtype=tf.int64
       )
       neg_items = tf.gather(candidates, picks)
       u_items = tf.concat([u_items, neg_items], 0)

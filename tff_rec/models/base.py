@@ -104,6 +104,10 @@ class EmbeddingLookup(tf.keras.layers.Layer):
       rows = _row_l2(rows, self.l2)
     return rows
 
+  def get_prunable_weights(self):
+    """The table, for TF-MOT's `prune_low_magnitude` (its PrunableLayer protocol)."""
+    return [self.embeddings]
+
   def get_config(self):
     config = super().get_config()
     config.update(input_dim=self.input_dim, output_dim=self.output_dim, l2=self.l2,

@@ -266,7 +266,8 @@ def full_ranking_metrics(
   x_users, x_items = _as_pairs(train_pairs_to_exclude, 'train_pairs_to_exclude')
   if t_users.size == 0:
     raise ValueError('test_pairs is empty')
-  if min(t_users.min(), t_items.min()) < 0 or (x_users.size and min(x_users.min(), x_items.min()) < 0):
+  if min(t_users.min(), t_items.min()) < 0 or (
+      x_users.size and min(x_users.min(), x_items.min()) < 0):
     raise ValueError('user and item indices must be non-negative')
   # Unique test pairs sorted by user; eval users in that order.
   width = int(t_items.max()) + 1
@@ -276,7 +277,8 @@ def full_ranking_metrics(
   t_end = np.append(t_start[1:], t_users.size)
   # Training pairs of evaluated users, by the row of their user.
   x_row = np.searchsorted(eval_users, x_users)
-  in_eval = (x_row < eval_users.size) & (eval_users[np.minimum(x_row, eval_users.size - 1)] == x_users)
+  found = eval_users[np.minimum(x_row, eval_users.size - 1)] == x_users
+  in_eval = (x_row < eval_users.size) & found
   x_row, x_items = x_row[in_eval], x_items[in_eval]
   order = np.argsort(x_row, kind='stable')
   x_row, x_items = x_row[order], x_items[order]

@@ -207,7 +207,8 @@ def fit_retrieval(
     if in_batch:
       return task(q, tf.concat([c, neg], 0), candidate_ids=tf.concat([items, neg_ids], 0),
                   compute_metrics=False, compute_batch_metrics=False)
-    logits = tf.concat([tf.reduce_sum(q * c, 1, keepdims=True), tf.matmul(q, neg, transpose_b=True)], 1)
+    positive = tf.reduce_sum(q * c, 1, keepdims=True)
+    logits = tf.concat([positive, tf.matmul(q, neg, transpose_b=True)], 1)
     if temperature is not None:
       logits /= temperature
     if remove_accidental_hits:
@@ -217,7 +218,9 @@ def fit_retrieval(
     return tf.reduce_mean(
         tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
 
-  @tf.function(input_signature=[tf.TensorSpec([None], tf.int32)] * 2 + [tf.TensorSpec([], tf.int64)])
+  ids = tf.TensorSpec([None], tf.int32)
+
+  @tf.function(input_signature=[ids, ids, tf.TensorSpec([], tf.int64)])
   def train_step(users, items, step):
     with tf.GradientTape() as tape:
       loss = loss_fn(users, items, step)

@@ -30,15 +30,11 @@ def _touched_rows(t: tf.Tensor) -> tf.Tensor:
   return tf.cast(nonzero, t.dtype)
 
 
-class RowSparseMeanFactory(
-    tff.aggregators.WeightedAggregationFactory,
-    tff.aggregators.UnweightedAggregationFactory,
-):
+class _RowSparseMean:
   """Mean whose embedding-table rows are averaged over the clients touching them.
 
-  `sparse_leaves[k]` says whether leaf k (in `tf.nest` order of the value)
-  is an embedding table. Works weighted (`create(value_type, weight_type)`)
-  and unweighted (`create(value_type)`, every client weight 1).
+  `sparse_leaves[k]` says whether leaf k (in `tf.nest.flatten` order of the
+  value; dict keys sorted) is an embedding table.
   """
 
   def __init__(
@@ -49,7 +45,7 @@ class RowSparseMeanFactory(
     self._sparse = tuple(bool(s) for s in sparse_leaves)
     self._value_sum_factory = value_sum_factory or tff.aggregators.SumFactory()
 
-  def create(self, value_type, weight_type=None) -> tff.templates.AggregationProcess:
+  def _create(self, value_type, weight_type=None) -> tff.templates.AggregationProcess:
     leaf_types = tff.types.structure_from_tensor_type_tree(lambda t: t, value_type)
     flat_types = tf.nest.flatten(leaf_types)
     if len(flat_types) != len(self._sparse):
@@ -133,6 +129,26 @@ class RowSparseMeanFactory(
           tff.FederatedType(value_type, tff.CLIENTS),
       )
     return tff.templates.AggregationProcess(init_fn, next_fn)
+
+
+class RowSparseMeanFactory(_RowSparseMean, tff.aggregators.WeightedAggregationFactory):
+  """Weighted row-sparse mean: `create(value_type, weight_type)`."""
+
+  def create(self, value_type, weight_type) -> tff.templates.AggregationProcess:
+    return self._create(value_type, weight_type)
+
+
+class UnweightedRowSparseMeanFactory(_RowSparseMean, tff.aggregators.UnweightedAggregationFactory):
+  """Unweighted row-sparse mean (every client weight 1): `create(value_type)`."""
+
+  def create(self, value_type) -> tff.templates.AggregationProcess:
+    return self._create(value_type)
+
+
+def row_sparse_mean(sparse_leaves: Sequence[bool], weighted: bool):
+  """The weighted or unweighted row-sparse mean factory."""
+  cls = RowSparseMeanFactory if weighted else UnweightedRowSparseMeanFactory
+  return cls(sparse_leaves)
 
 
 def sparse_leaf_mask(trainable_variable_names: Sequence[str], table_names: Sequence[str]) -> list[bool]:

@@ -30,8 +30,10 @@ class AlgorithmConfig:
   recon_steps_max: Optional[int] = None
   post_recon_steps_max: Optional[int] = None
   split_dataset: bool = False
-  # FedAvg/FedProx with a user table: average each table row over the
-  # clients that touched it (see aggregators.RowSparseMeanFactory).
+  # Average each embedding-table row over the clients that touched it (see
+  # aggregators.RowSparseMeanFactory) instead of over all clients. False is
+  # TFF's plain mean, as in the FedRecon paper. Ignored when an explicit
+  # aggregator (DP, compression) is given.
   row_sparse_mean: bool = True
 
   def __post_init__(self):
@@ -67,6 +69,10 @@ def build_process(
   """
   client_opt = optimizers.build_optimizer(config.client_optimizer)
   server_opt = optimizers.build_optimizer(config.server_optimizer)
+  if model_aggregator is None and config.row_sparse_mean:
+    mask = model_fns.embedding_table_mask(spec, user_embedding)
+    if any(mask):
+      model_aggregator = aggregators.row_sparse_mean(mask, weighted=not config.uniform)
   if config.name == 'fedrecon':
     if user_embedding != model_fns.UserEmbedding.LOCAL:
       raise ValueError('fedrecon needs local user embeddings')
@@ -94,10 +100,6 @@ def build_process(
   if user_embedding == model_fns.UserEmbedding.LOCAL:
     raise ValueError(f'{config.name} cannot keep user embeddings local; use fedrecon')
   model_fn = model_fns.tff_model_fn(spec, user_embedding)
-  if model_aggregator is None and config.row_sparse_mean:
-    mask = model_fns.embedding_table_mask(spec, user_embedding)
-    if any(mask):
-      model_aggregator = aggregators.RowSparseMeanFactory(mask)
   kwargs = dict(
       client_optimizer_fn=client_opt,
       server_optimizer_fn=server_opt,

@@ -69,3 +69,37 @@ def save_final_model(
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return final
+
+
+class RunOutputError(ValueError):
+  """A training run directory that is missing or incomplete."""
+
+
+def load_final_model(run_dir: str):
+  """Rebuilds a run's final Keras model from its config and weights.
+
+  Returns `(rec_model, model_config, user_index, item_index)`, where
+  `rec_model` is a `tff_rec.models.base.RecModel`. Raises RunOutputError
+  naming what is missing when the run is absent or did not finish.
+  """
+  from tff_rec.models import registry  # pylint: disable=g-import-not-at-top
+
+  final = os.path.join(run_dir, FINAL_MODEL_DIR)
+  if not os.path.isdir(run_dir):
+    raise RunOutputError(f'{run_dir}: no such training run directory')
+  if not os.path.isdir(final):
+    raise RunOutputError(
+        f'{run_dir}: no {FINAL_MODEL_DIR}/ — the run did not finish (rerun it to resume)')
+  config_path = os.path.join(final, MODEL_CONFIG_FILE)
+  for needed in (config_path, os.path.join(final, 'weights', 'weights.index'),
+                 os.path.join(final, 'user_ids.txt'), os.path.join(final, 'item_ids.txt')):
+    if not os.path.exists(needed):
+      raise RunOutputError(f'{run_dir}: incomplete final model, missing {needed}')
+  config = read_json(config_path)
+  rec = registry.build_model(
+      config['model'], config['num_users'], config['num_items'],
+      personal=config['user_embedding'] != 'table', seed=config.get('seed', 0),
+      **config['hparams'])
+  rec.keras_model.load_weights(os.path.join(final, 'weights', 'weights')).expect_partial()
+  user_index, item_index = ratings_lib.load_id_maps(final)
+  return rec, config, user_index, item_index

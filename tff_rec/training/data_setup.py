@@ -11,8 +11,14 @@ from tff_rec.data import ncf
 from tff_rec.data import ratings as ratings_lib
 from tff_rec.data import sources
 from tff_rec.data import splits
+from tff_rec.data import synthetic
 
-DATASETS = ('ml-100k', 'ml-1m', 'ml-10m', 'ml-20m', 'ml-25m', 'ml-latest-small', 'ml-latest', 'ncf-ml-1m')
+DATASETS = ('ml-100k', 'ml-1m', 'ml-10m', 'ml-20m', 'ml-25m', 'ml-latest-small', 'ml-latest',
+            'ncf-ml-1m', 'synthetic')
+
+# `--dataset=synthetic`: small low-rank ratings for smoke tests and demos.
+SYNTHETIC_SHAPE = dict(num_users=120, num_items=60, rank=4, noise_std=0.3,
+                       mean_ratings_per_user=20.0, activity_skew=1.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +62,8 @@ def first_users(r: ratings_lib.Ratings, n: int) -> ratings_lib.Ratings:
 
 def load_ratings(config: DataConfig) -> ratings_lib.Ratings:
   """The full ratings of the configured data set."""
+  if config.dataset == 'synthetic':
+    return synthetic.synthetic_ratings(seed=config.seed, **SYNTHETIC_SHAPE).ratings
   ratings, _ = sources.load_movielens(config.dataset, data_dir=config.data_dir, cache_dir=config.cache_dir)
   return ratings
 

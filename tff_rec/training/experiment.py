@@ -16,6 +16,7 @@ from tff_rec import runtime
 from tff_rec import version
 from tff_rec.data import federated
 from tff_rec.data import splits as splits_lib
+from tff_rec.models import base
 from tff_rec.models import registry
 from tff_rec.training import algorithms
 from tff_rec.training import artifacts
@@ -63,6 +64,8 @@ class FederatedConfig:
   progress_bar: bool = True
   worker_addresses: tuple[str, ...] = ()
   max_concurrent_computation_calls: int = -1
+  # Execute federated_secure_sum(_bitwidth) (distributed DP); see runtime.
+  secure_intrinsics: bool = False
 
   def __post_init__(self):
     for name in ('clients_per_round', 'total_rounds', 'client_epochs', 'batch_size', 'eval_every',
@@ -82,14 +85,16 @@ class FederatedConfig:
 def model_spec(config: FederatedConfig, split: splits_lib.Split) -> model_fns.ModelSpec:
   """The model spec over the split's catalog, seeded by the run seed."""
   hparams = dict(config.model.hparams)
-  if config.model.name in ('mf',) and 'global_mean' not in hparams:
+  task = registry.default_task(config.model.name, **hparams)
+  if (task == base.TASK_RATING and 'global_mean' in registry.hparam_names(config.model.name)
+      and 'global_mean' not in hparams):
     hparams['global_mean'] = split.train.global_mean()
   builder = functools.partial(registry.build_model, config.model.name, **hparams)
   return model_fns.ModelSpec(
       builder=builder,
       num_users=split.train.num_users,
       num_items=split.train.num_items,
-      task=registry.default_task(config.model.name),
+      task=task,
       seed=config.seed,
   )
 
@@ -97,9 +102,10 @@ def model_spec(config: FederatedConfig, split: splits_lib.Split) -> model_fns.Mo
 def install_runtime(config: FederatedConfig) -> None:
   """Sets up TFF's execution context: local worker, or remote workers."""
   if config.worker_addresses:
-    runtime.set_remote_context(list(config.worker_addresses))
+    runtime.set_remote_context(list(config.worker_addresses), secure_intrinsics=config.secure_intrinsics)
   else:
-    runtime.set_local_context(max_concurrent_computation_calls=config.max_concurrent_computation_calls)
+    runtime.set_local_context(max_concurrent_computation_calls=config.max_concurrent_computation_calls,
+                              secure_intrinsics=config.secure_intrinsics)
 
 
 def _sample_eval(users: list[str], n: Optional[int], seed: int) -> Callable[[int], list[str]]:

@@ -145,7 +145,7 @@ def run(
   _clean_partial_checkpoints(checkpoint_dir)
   start = latest_checkpoint_round(run_dir) or 0
   if start:
-    logging.info('Resuming %s from the checkpoint of round %d', run_dir, start)
+    logging.warning('Resuming %s from the checkpoint of round %d', run_dir, start)
   state_manager = tff.program.FileProgramStateManager(
       root_dir=checkpoint_dir, prefix='program_state_', keep_total=config.keep_checkpoints
   )

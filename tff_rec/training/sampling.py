@@ -8,7 +8,7 @@ import numpy as np
 
 from tff_rec.data import federated
 
-SAMPLING_MODES = ('fixed_size', 'poisson')
+SAMPLING_MODES = ('fixed_size', 'poisson', 'shuffled_epochs')
 
 
 class ClientSampler:
@@ -17,7 +17,12 @@ class ClientSampler:
   - `fixed_size`: `clients_per_round` users uniformly without replacement
     (all users when it equals the population);
   - `poisson`: each user independently with probability
-    `clients_per_round / population` (the round may be empty-sized).
+    `clients_per_round / population` (the round may be empty-sized);
+  - `shuffled_epochs`: each user at most once per epoch (DP-FTRL's
+    assumption). Epoch e covers rounds e*L+1 .. (e+1)*L with
+    L = ceil(population / clients_per_round); its rounds take consecutive
+    blocks of a permutation of the users drawn from (seed, e); the last block
+    may be smaller. Rounds are 1-based, as in `run_training_process`.
   Returned ids carry the round number so client data reshuffle each round.
   """
 
@@ -45,8 +50,20 @@ class ClientSampler:
   def sampling_probability(self) -> float:
     return self.clients_per_round / self.population
 
+  @property
+  def epoch_rounds(self) -> int:
+    """Rounds per epoch of `shuffled_epochs` sampling."""
+    return -(-self.population // self.clients_per_round)
+
   def users_for_round(self, round_num: int) -> np.ndarray:
     """Dense user indices selected at `round_num` (sorted)."""
+    if self.mode == 'shuffled_epochs':
+      if round_num < 1:
+        raise ValueError(f'rounds are 1-based, got {round_num}')
+      epoch, position = divmod(int(round_num) - 1, self.epoch_rounds)
+      perm = np.random.default_rng([self.seed, 1, epoch]).permutation(self.users)
+      start = position * self.clients_per_round
+      return np.sort(perm[start:start + self.clients_per_round])
     rng = np.random.default_rng([self.seed, int(round_num)])
     if self.mode == 'poisson':
       chosen = self.users[rng.random(self.population) < self.sampling_probability]

@@ -1,0 +1,101 @@
+"""--dp* flags -> DpConfig, and the run-level checks of prepare_dp_for_run."""
+
+from absl import app
+from absl import flags
+import pytest
+
+from experiments import dp_flags
+from privacy import federated_dp
+from tff_rec.data import splits
+from tff_rec.data import synthetic
+from tff_rec.training import algorithms
+from tff_rec.training import experiment
+
+
+def _flags(*argv):
+  fv = flags.FlagValues()
+  dp_flags.define_dp_flags(fv)
+  dp_flags.define_dp_flags(fv)  # Idempotent.
+  fv(['prog', *argv])
+  return fv
+
+
+def test_default_is_no_dp():
+  assert not dp_flags.dp_config_from_flags(_flags()).enabled
+
+
+def test_flags_map_to_the_config():
+  config = dp_flags.dp_config_from_flags(_flags(
+      '--dp=gaussian_adaptive', '--dp_noise_multiplier=0.7', '--dp_clip=0.2',
+      '--dp_target_unclipped_quantile=0.6', '--dp_clip_learning_rate=0.1', '--dp_zeroing',
+      '--dp_delta=1e-5', '--target_epsilon=8', '--dp_on_budget=stop', '--dp_accountant=pld'))
+  assert config == federated_dp.DpConfig(
+      mode='gaussian_adaptive', noise_multiplier=0.7, clip=0.2, target_unclipped_quantile=0.6,
+      clip_learning_rate=0.1, zeroing=True, delta=1e-5, target_epsilon=8.0, on_budget='stop',
+      accountant='pld')
+  tree = dp_flags.dp_config_from_flags(_flags(
+      '--dp=tree', '--dp_noise_multiplier=1', '--dp_clip=1', '--dp_restart_rounds=4'))
+  assert tree.restart_rounds == 4
+  assert dp_flags.dp_config_from_flags(_flags('--dp=ddp', '--dp_noise_multiplier=1',
+                                              '--ddp_bits=16')).ddp_bits == 16
+
+
+@pytest.mark.parametrize('argv, flag', [
+    (['--dp_clip=1'], '--dp_clip needs --dp'),
+    (['--dp=gaussian_fixed', '--dp_clip=1'], '--dp_noise_multiplier or --target_epsilon'),
+    (['--dp=gaussian_fixed', '--dp_noise_multiplier=1'], '--dp_clip'),
+    (['--dp=gaussian_fixed', '--dp_noise_multiplier=-1', '--dp_clip=1'], '--dp_noise_multiplier'),
+    (['--dp=gaussian_fixed', '--dp_noise_multiplier=1', '--dp_clip=0'], '--dp_clip'),
+    (['--dp=gaussian_adaptive', '--dp_noise_multiplier=1', '--dp_target_unclipped_quantile=2'],
+     '--dp_target_unclipped_quantile'),
+    (['--dp=gaussian_fixed', '--dp_noise_multiplier=1', '--dp_clip=1', '--dp_delta=1.5'],
+     '--dp_delta'),
+    (['--dp=gaussian_fixed', '--dp_noise_multiplier=1', '--dp_clip=1', '--target_epsilon=-1'],
+     '--target_epsilon'),
+    (['--dp=gaussian_fixed', '--dp_noise_multiplier=1', '--dp_clip=1', '--dp_restart_rounds=3'],
+     '--dp_restart_rounds'),
+    (['--dp=ddp', '--dp_noise_multiplier=1', '--ddp_bits=40'], '--ddp_bits'),
+])
+def test_invalid_values_raise_usage_errors_naming_the_flag(argv, flag):
+  with pytest.raises(app.UsageError, match=flag):
+    dp_flags.dp_config_from_flags(_flags(*argv))
+
+
+@pytest.fixture(scope='module')
+def split():
+  data = synthetic.synthetic_ratings(num_users=60, num_items=30, seed=3)
+  return splits.split_by_user(data.ratings, fractions=(0.8, 0.0, 0.2))
+
+
+def _config(**algorithm):
+  return experiment.FederatedConfig(
+      algorithm=algorithms.AlgorithmConfig(**algorithm), clients_per_round=6, total_rounds=30,
+      sampling='poisson')
+
+
+DP = federated_dp.DpConfig('gaussian_fixed', noise_multiplier=1.0, clip=0.5)
+
+
+def test_prepare_dp_for_run_builds_the_setup(split):
+  config, setup = dp_flags.prepare_dp_for_run(DP, _config(name='fedrecon', weighting='uniform'),
+                                              split)
+  assert setup.population == len(split.train.present_users())
+  assert setup.aggregator is not None and setup.total_rounds == 30
+  assert config.algorithm.row_sparse_mean is False
+
+
+def test_prepare_dp_for_run_refuses_weighting(split):
+  with pytest.raises(app.UsageError, match='--weighting=uniform'):
+    dp_flags.prepare_dp_for_run(DP, _config(name='fedrecon'), split)
+
+
+def test_prepare_dp_for_run_refuses_over_budget_plans(split):
+  with pytest.raises(app.UsageError, match='--dp_on_budget=stop'):
+    dp_flags.prepare_dp_for_run(DP.replace(target_epsilon=0.5),
+                                _config(name='fedrecon', weighting='uniform'), split)
+
+
+def test_prepare_dp_for_run_without_dp_changes_nothing(split):
+  config = _config(name='fedavg')
+  same, setup = dp_flags.prepare_dp_for_run(federated_dp.DpConfig(), config, split)
+  assert same is config and setup.aggregator is None and setup.extra_metrics_fn is None
