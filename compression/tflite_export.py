@@ -134,15 +134,24 @@ def verify(content: bytes, reference: np.ndarray, inputs: Mapping[str, np.ndarra
 
 
 def representative_pairs(users: np.ndarray, items: np.ndarray, batch_size: int = 64,
-                         max_batches: int = 100) -> Callable[[], Iterable[dict]]:
-  """A representative dataset of (user, item) batches for int8 calibration."""
+                         max_batches: int = 100, seed: int = 0) -> Callable[[], Iterable[dict]]:
+  """A representative dataset of (user, item) batches for int8 calibration.
+
+  Batches are all the same size (a random sample of the pairs): the
+  calibrator resizes inputs between batches, which TFLite's BATCH_MATMUL
+  fails on.
+  """
   users = np.asarray(users, np.int32)
   items = np.asarray(items, np.int32)
+  size = min(batch_size, len(users))
+  if size == 0:
+    raise ValueError('no pairs for the representative dataset')
+  order = np.random.default_rng(seed).permutation(len(users))
+  batches = max(1, min(max_batches, len(users) // size))
 
   def gen():
-    for n, start in enumerate(range(0, len(users), batch_size)):
-      if n >= max_batches:
-        break
-      yield {'user': users[start:start + batch_size], 'item': items[start:start + batch_size]}
+    for n in range(batches):
+      rows = order[n * size:(n + 1) * size]
+      yield {'user': users[rows], 'item': items[rows]}
 
   return gen

@@ -41,6 +41,8 @@ def define_model_flags() -> None:
   flags.DEFINE_float('l2', 0.0, 'L2 on looked-up embedding rows.')
   flags.DEFINE_float('init_stddev', 0.1, 'Stddev of the embedding initializer (mf).')
   flags.DEFINE_list('mlp_layers', ['64', '32', '16', '8'], 'MLP tower sizes (mlp, neumf).')
+  flags.DEFINE_bool('use_biases', True, 'mf: global mean, user and item biases (False: plain dot product, '
+                    'as in the TFF FedRecon tutorial).')
 
 
 def define_output_flags(default_name: str) -> None:
@@ -98,11 +100,11 @@ def model_config_from_flags() -> experiment.ModelConfig:
   if any(x <= 0 for x in layers):
     raise app.UsageError(f'--mlp_layers must be positive, got {FLAGS.mlp_layers}')
   return experiment.ModelConfig(FLAGS.model, model_hparams(
-      FLAGS.model, FLAGS.embedding_dim, FLAGS.l2, FLAGS.init_stddev, layers))
+      FLAGS.model, FLAGS.embedding_dim, FLAGS.l2, FLAGS.init_stddev, layers, FLAGS.use_biases))
 
 
 def model_hparams(name: str, embedding_dim: int, l2: float, init_stddev: float,
-                  mlp_layers: list[int]) -> dict:
+                  mlp_layers: list[int], use_biases: bool = True) -> dict:
   """The generic model flags mapped onto model `name`'s hyperparameters."""
   candidates = {
       'embedding_dim': embedding_dim,
@@ -110,6 +112,7 @@ def model_hparams(name: str, embedding_dim: int, l2: float, init_stddev: float,
       'l2': l2,
       'init_stddev': init_stddev,
       'layers': list(mlp_layers),
+      'use_biases': use_biases,
   }
   accepted = registry.hparam_names(name)
   return {k: v for k, v in candidates.items() if k in accepted}

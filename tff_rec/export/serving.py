@@ -237,6 +237,11 @@ def _id_table(raw_ids: Sequence[str]) -> tf.lookup.StaticHashTable:
   return tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(keys, values), -1)
 
 
+def _named(variables) -> dict:
+  """Variables keyed by their names (readable checkpoint keys, e.g. item_embedding.quantized)."""
+  return {v.name.split(':')[0].replace('/', '.'): v for v in variables}
+
+
 def _positive_k(k, n: int):
   check = tf.debugging.assert_positive(k, message='k must be positive')
   with tf.control_dependencies([check]):
@@ -249,7 +254,7 @@ class _TableServing(tf.Module):
   def __init__(self, model: tf.keras.Model, model_config: Mapping, user_ids, item_ids,
                options: ExportOptions, seen: Optional[ratings_lib.Ratings]):
     super().__init__(name='recommender')
-    self._model_variables = list(model.variables)
+    self.model_variables = _named(model.variables)
     score = lambda users, items: model({'user': users, 'item': items}, training=False)
     self.user_table = _id_table(user_ids)
     self.item_table = _id_table(item_ids)
@@ -323,7 +328,7 @@ class _ReconServing(tf.Module):
     bias_layer = model.get_layer('item_bias') if 'item_bias' in names else None
     mean_layer = model.get_layer('global_bias') if 'global_bias' in names else None
     used = [item_layer] + [x for x in (bias_layer, mean_layer) if x is not None]
-    self._model_variables = [v for layer in used for v in layer.variables]
+    self.model_variables = _named([v for layer in used for v in layer.variables])
     self.item_table = _id_table(item_ids)
     self.item_vocab = tf.Variable([str(i) for i in item_ids], dtype=tf.string, trainable=False,
                                   name='item_vocab')
@@ -594,7 +599,11 @@ def cli_show(version_dir: str) -> str:
 
 def cli_run(version_dir: str, signature: str, input_exprs: Mapping[str, str],
             outdir: Optional[str] = None) -> str:
-  """`saved_model_cli run` of one signature; with `outdir`, outputs land there as .npy."""
+  """`saved_model_cli run` of one signature; with `outdir`, outputs land there as .npy.
+
+  `input_exprs` values are Python literals (the CLI evaluates them with
+  `ast.literal_eval`), e.g. `{'user_id': '["1", "2"]', 'k': '10'}`.
+  """
   args = ['run', '--dir', version_dir, '--tag_set', 'serve', '--signature_def', signature,
           '--input_exprs', ';'.join(f'{k}={v}' for k, v in input_exprs.items())]
   if outdir:

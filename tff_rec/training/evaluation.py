@@ -155,6 +155,7 @@ class FinetuneEvaluator:
     model_fn = model_fns.tff_model_fn(spec, user_embedding)
     keras_opt = optimizers.build_keras_optimizer
     epochs = finetune_epochs
+    evaluate = _make_evaluate(batch_size)
 
     def finetune_fn():
       # Builds a tf.function (personalize_fn contract) for one client.
@@ -166,19 +167,19 @@ class FinetuneEvaluator:
         variables = model.trainable_variables
         opt.build(variables)
         for _ in tf.range(epochs):
-          for batch in train_data:
+          for batch in train_data.batch(batch_size):
             with tf.GradientTape() as tape:
               output = model.forward_pass(batch, training=True)
             grads = tape.gradient(output.loss, variables)
             opt.apply_gradients(zip(grads, variables))
-        return _evaluate(model, test_data)
+        return evaluate(model, test_data)
 
       return personalize
 
     self._computation = tff.learning.algorithms.build_personalization_eval_computation(
         model_fn,
         personalize_fn_dict=collections.OrderedDict(finetune=finetune_fn),
-        baseline_evaluate_fn=_evaluate,
+        baseline_evaluate_fn=evaluate,
         max_num_clients=max_clients,
     )
 
@@ -190,36 +191,48 @@ class FinetuneEvaluator:
               x=collections.OrderedDict(user=r.users[sel], item=r.items[sel]),
               y=r.ratings[sel],
           )
-      ).batch(self._batch_size)
+      )  # Unbatched: TFF's personalization evaluation expects examples.
 
     return collections.OrderedDict(train_data=ds(self._support), test_data=ds(self._query))
 
   def __call__(self, model_weights: Any, user_ids: Optional[Sequence[int]] = None) -> collections.OrderedDict:
+    """Example-weighted metrics without (`baseline/`) and with (`finetune/`) fine-tuning."""
     users = self.user_ids if user_ids is None else list(user_ids)
     data = [self._client_input(u) for u in users]
     out = self._computation(model_weights, data)
     result = collections.OrderedDict()
-    for name in ('baseline_metrics', 'finetune'):
-      for k, v in out[name].items():
-        result[f'{name}/{k}'] = float(np.mean(v))
+    for name, prefix in (('baseline_metrics', 'baseline'), ('finetune', 'finetune')):
+      sums = {k: float(np.sum(v)) for k, v in out[name].items()}
+      n = max(sums['num_examples'], 1.0)
+      result[f'{prefix}/rmse'] = float(np.sqrt(sums['squared_error'] / n))
+      result[f'{prefix}/mae'] = sums['absolute_error'] / n
+      result[f'{prefix}/rating_accuracy'] = sums['within_half'] / n
+      result[f'{prefix}/loss'] = sums['loss_sum'] / n
+    result['num_examples'] = int(sums['num_examples'])
     return result
 
 
-@tf.function
-def _evaluate(model, dataset) -> collections.OrderedDict:
-  """Example-weighted loss of `model` on `dataset`."""
-  total = tf.constant(0.0)
-  count = tf.constant(0.0)
-  sq = tf.constant(0.0)
+def _make_evaluate(batch_size: int):
+  """A tf.function: per-client sums of loss, errors, |error| <= 0.5, count."""
+
+  @tf.function
+  def evaluate(model, dataset) -> collections.OrderedDict:
+    return _sums(model, dataset.batch(batch_size))
+
+  return evaluate
+
+
+def _sums(model, dataset) -> collections.OrderedDict:
+  sums = collections.OrderedDict(
+      loss_sum=tf.constant(0.0), squared_error=tf.constant(0.0), absolute_error=tf.constant(0.0),
+      within_half=tf.constant(0.0), num_examples=tf.constant(0.0))
   for batch in dataset:
     output = model.forward_pass(batch, training=False)
     n = tf.cast(output.num_examples, tf.float32)
-    total += output.loss * n
     err = tf.cast(output.predictions, tf.float32) - tf.cast(batch['y'], tf.float32)
-    sq += tf.reduce_sum(tf.square(err))
-    count += n
-  return collections.OrderedDict(
-      loss=tf.math.divide_no_nan(total, count),
-      rmse=tf.sqrt(tf.math.divide_no_nan(sq, count)),
-      num_examples=count,
-  )
+    sums['loss_sum'] += tf.cast(output.loss, tf.float32) * n
+    sums['squared_error'] += tf.reduce_sum(tf.square(err))
+    sums['absolute_error'] += tf.reduce_sum(tf.abs(err))
+    sums['within_half'] += tf.reduce_sum(tf.cast(tf.abs(err) <= 0.5, tf.float32))
+    sums['num_examples'] += n
+  return sums
