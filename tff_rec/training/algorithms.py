@@ -13,6 +13,14 @@ from tff_rec.training import optimizers
 
 ALGORITHMS = ('fedavg', 'fedprox', 'fedrecon')
 WEIGHTINGS = ('num_examples', 'uniform')
+# How FedAvg/FedProx clients loop over their batches (`tff.learning.LoopImplementation`):
+# a Python-side `for` over a dataset iterator, or `tf.data.Dataset.reduce`.
+# Same updates either way; on TFF's C++ runtime 'iterator' was several times
+# faster per client (see benchmarks/federated_speed.py).
+LOOP_IMPLEMENTATIONS = {
+    'iterator': tff.learning.LoopImplementation.DATASET_ITERATOR,
+    'reduce': tff.learning.LoopImplementation.DATASET_REDUCE,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,12 +43,18 @@ class AlgorithmConfig:
   # TFF's plain mean, as in the FedRecon paper. Ignored when an explicit
   # aggregator (DP, compression) is given.
   row_sparse_mean: bool = True
+  # Client training loop of FedAvg/FedProx (keys of LOOP_IMPLEMENTATIONS);
+  # FedRecon has no such option in TFF.
+  loop_implementation: str = 'iterator'
 
   def __post_init__(self):
     if self.name not in ALGORITHMS:
       raise ValueError(f'unknown algorithm {self.name!r}; valid: {", ".join(ALGORITHMS)}')
     if self.weighting not in WEIGHTINGS:
       raise ValueError(f'unknown weighting {self.weighting!r}; valid: {", ".join(WEIGHTINGS)}')
+    if self.loop_implementation not in LOOP_IMPLEMENTATIONS:
+      raise ValueError(f'unknown loop_implementation {self.loop_implementation!r}; '
+                       f'valid: {", ".join(LOOP_IMPLEMENTATIONS)}')
     if self.name == 'fedprox' and not self.proximal_strength > 0:
       raise ValueError('fedprox needs a positive proximal_strength')
 
@@ -104,6 +118,7 @@ def build_process(
       client_optimizer_fn=client_opt,
       server_optimizer_fn=server_opt,
       model_aggregator=model_aggregator,
+      loop_implementation=LOOP_IMPLEMENTATIONS[config.loop_implementation],
   )
   if config.name == 'fedavg':
     if config.uniform:
