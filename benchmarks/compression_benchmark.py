@@ -1,6 +1,9 @@
 """Compression benchmark on MovieLens-1M biased MF: size, accuracy and latency.
 
-  python -m benchmarks.compression_benchmark --data_dir=../shared/data/ml-1m.zip
+  python -m benchmarks.compression_benchmark --compression_data=../shared/data/ml-1m.zip
+
+Flags carry a `compression_` prefix so this module can be imported next to
+the experiment binaries (absl flags are global).
 
 Trains a central biased MF (random 90/10 split), then measures through the
 exported SavedModels (TF Serving layout, `tff_rec.export.serving`):
@@ -52,20 +55,20 @@ from tff_rec.training import experiment
 from tff_rec.training import optimizers
 
 _DATA_DIR = flags.DEFINE_string(
-    'data_dir', os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    'compression_data', os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                              'shared', 'data', 'ml-1m.zip'),
     'ml-1m.zip (or its directory).')
-_OUTPUT_DIR = flags.DEFINE_string('output_dir', 'runs/benchmarks/compression',
+_OUTPUT_DIR = flags.DEFINE_string('compression_output_dir', 'runs/benchmarks/compression',
                                   'Where the JSON and Markdown results go.')
-_EPOCHS = flags.DEFINE_integer('epochs', 6, 'Central MF training epochs.')
-_EMBEDDING_DIM = flags.DEFINE_integer('embedding_dim', 32, 'MF factors.')
-_L2 = flags.DEFINE_float('l2', 0.04, 'MF row L2.')
-_LEARNING_RATE = flags.DEFINE_float('learning_rate', 0.002, 'Adam learning rate.')
-_BATCH_SIZE = flags.DEFINE_integer('batch_size', 1024, 'Training batch size.')
-_PRUNE_SPARSITY = flags.DEFINE_float('prune_sparsity', 0.8, 'Pruning target sparsity.')
-_FINETUNE_EPOCHS = flags.DEFINE_integer('finetune_epochs', 2, 'Pruning fine-tuning epochs.')
-_REQUESTS = flags.DEFINE_integer('latency_requests', 1000, 'Timed recommend requests.')
-_SEED = flags.DEFINE_integer('seed', 0, 'Split and initialization seed.')
+_EPOCHS = flags.DEFINE_integer('compression_epochs', 8, 'Central MF training epochs.')
+_EMBEDDING_DIM = flags.DEFINE_integer('compression_embedding_dim', 32, 'MF factors.')
+_L2 = flags.DEFINE_float('compression_l2', 0.04, 'MF row L2.')
+_LEARNING_RATE = flags.DEFINE_float('compression_learning_rate', 0.002, 'Adam learning rate.')
+_BATCH_SIZE = flags.DEFINE_integer('compression_batch_size', 1024, 'Training batch size.')
+_PRUNE_SPARSITY = flags.DEFINE_float('compression_prune_sparsity', 0.8, 'Pruning target sparsity.')
+_FINETUNE_EPOCHS = flags.DEFINE_integer('compression_finetune_epochs', 2, 'Pruning fine-tuning epochs.')
+_REQUESTS = flags.DEFINE_integer('compression_latency_requests', 1000, 'Timed recommend requests.')
+_SEED = flags.DEFINE_integer('compression_seed', 0, 'Split and initialization seed.')
 
 TARGETS = {
     'int8_size_ratio_min': 3.5,
@@ -243,9 +246,9 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   if not os.path.exists(_DATA_DIR.value):
-    raise app.UsageError(f'--data_dir: {_DATA_DIR.value} not found')
+    raise app.UsageError(f'--compression_data: {_DATA_DIR.value} not found')
   if not 0 < _PRUNE_SPARSITY.value < 1:
-    raise app.UsageError(f'--prune_sparsity must be in (0, 1), got {_PRUNE_SPARSITY.value}')
+    raise app.UsageError(f'--compression_prune_sparsity must be in (0, 1), got {_PRUNE_SPARSITY.value}')
   for flag in (_EPOCHS, _EMBEDDING_DIM, _BATCH_SIZE, _FINETUNE_EPOCHS, _REQUESTS):
     if flag.value <= 0:
       raise app.UsageError(f'--{flag.name} must be positive, got {flag.value}')

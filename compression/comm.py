@@ -402,21 +402,36 @@ def _global_weight_bytes(spec, user_embedding) -> int:
   return sum(int(np.prod(v.shape.as_list(), dtype=np.int64)) * v.dtype.size for v in variables)
 
 
-def aggregator_comm_stats(factory, spec, user_embedding, *, weighted: bool) -> CommStats:
+def aggregator_comm_stats(factory, spec, user_embedding, *, weighted: bool,
+                          row_sparse_mean: bool = True) -> CommStats:
   """Per-client bytes of the model-update aggregation plus the model broadcast.
 
-  `factory` None means TFF's plain mean. Upload: the aggregator's
+  `factory` None means the algorithm's default (`algorithms.build_process`):
+  the row-sparse mean for FedAvg/FedProx with a user table (when
+  `row_sparse_mean`), else TFF's mean. Upload: the aggregator's
   client-placed operands (for 'quantize8', per tensor of n elements above the
   threshold `4 * ceil(8n / 28) + 8` bytes: 8-bit codes packed 28 bits per
   int32 so every word is a 4-byte varint, plus float32 min and max; `4n`
   bytes for smaller tensors; plus the float32 weight of a weighted mean and
-  one float32 per adaptive-norm estimator). Download: the global model
-  weights in float32 plus the aggregator's broadcast parameters. Metric sums
-  of the training process are not included (`process_comm_stats` has them).
+  two float32 per adaptive-norm estimator and one per zeroed/clipped count).
+  Download: the global model weights in float32 plus the aggregator's
+  broadcast parameters. Metric sums of the training process are not
+  included (`process_comm_stats` has them).
   """
+  from tff_rec.training import aggregators  # pylint: disable=g-import-not-at-top
+  from tff_rec.training import model_fns  # pylint: disable=g-import-not-at-top
+
   value_type = model_update_type(spec, user_embedding)
   if factory is None:
-    factory = tff.aggregators.MeanFactory() if weighted else tff.aggregators.UnweightedMeanFactory()
+    mask = (model_fns.embedding_table_mask(spec, model_fns.UserEmbedding(user_embedding))
+            if row_sparse_mean and model_fns.UserEmbedding(user_embedding) != model_fns.UserEmbedding.LOCAL
+            else [])
+    if any(mask):
+      factory = aggregators.RowSparseMeanFactory(mask)
+    elif weighted:
+      factory = tff.aggregators.MeanFactory()
+    else:
+      factory = tff.aggregators.UnweightedMeanFactory()
   if weighted:
     process = factory.create(value_type, tff.TensorType(np.float32))
   else:

@@ -12,7 +12,7 @@ bytes, gzip bytes, parameters, nonzeros, test RMSE/MAE, recommend p50/p99)
 in `<export_base>/<model_name>/artifacts/<version>/` (a non-numeric
 directory, which TF Serving ignores). Fine-tuning, `--exclude_seen` and the
 report reload the run's training split from its hparams.json (`--data_dir`
-overrides where the data set is read from).
+(`--run_data_dir`) overrides where the data set is read from).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ QUANTIZE = ('none', 'int8', 'float16', 'qat')
 TFLITE = ('none', 'dynamic', 'int8')
 
 _RUN_DIR = flags.DEFINE_string('run_dir', None, 'Training run directory (with final_model/).')
-_DATA_DIR = flags.DEFINE_string('data_dir', None, "Override the run's data location (fine-tuning, "
+_DATA_DIR = flags.DEFINE_string('run_data_dir', None, "Override the run's data location (fine-tuning, "
                                 '--exclude_seen and the report need the training split).')
 _EXPORT_BASE = flags.DEFINE_string('export_base', 'exports', 'TF Serving model base directory.')
 _MODEL_NAME = flags.DEFINE_string('model_name', None, 'Model name in TF Serving.')
@@ -54,7 +54,7 @@ _PRUNE_BIASES = flags.DEFINE_bool('prune_biases', False, 'Also prune 1-wide (bia
 _FINETUNE_EPOCHS = flags.DEFINE_integer('finetune_epochs', 1,
                                         'Central fine-tuning epochs (pruning and QAT).')
 _FINETUNE_LR = flags.DEFINE_float('finetune_learning_rate', 1e-3, 'Adam learning rate of fine-tuning.')
-_BATCH_SIZE = flags.DEFINE_integer('batch_size', 256, 'Fine-tuning batch size.')
+_BATCH_SIZE = flags.DEFINE_integer('finetune_batch_size', 256, 'Fine-tuning batch size.')
 _QUANTIZE = flags.DEFINE_enum('quantize', 'none', list(QUANTIZE),
                               'Stored weights: float32, int8 / float16 post-training, or QAT then int8.')
 _TFLITE = flags.DEFINE_enum('tflite', 'none', list(TFLITE), 'Also write a TFLite artifact.')
@@ -136,7 +136,7 @@ _FLAG_OF = {'quantize': 'quantize', 'tflite': 'tflite', 'prune_sparsity': 'prune
             'target_sparsity': 'prune_sparsity', 'the polynomial': 'prune_schedule',
             'latency_requests': 'latency_requests', 'recon_l2': 'recon_l2',
             'unknown_user': 'unknown_user', 'unknown_item': 'unknown_item',
-            'warmup_k': 'warmup_k', 'batch_size': 'batch_size'}
+            'warmup_k': 'warmup_k', 'batch_size': 'finetune_batch_size'}
 
 
 def _flag_for(message: str) -> str:
@@ -145,7 +145,7 @@ def _flag_for(message: str) -> str:
       return f'--{flag}'
   if 'qat' in message:
     return '--quantize'
-  return '--finetune_epochs/--batch_size/--finetune_learning_rate'
+  return '--finetune_epochs/--finetune_batch_size/--finetune_learning_rate'
 
 
 def config_from_flags() -> PipelineConfig:
@@ -233,7 +233,7 @@ def run(config: PipelineConfig) -> PipelineResult:
     try:
       split = load_run_split(config.run_dir, config.data_dir)
     except (ValueError, OSError) as e:
-      raise app.UsageError(f'--data_dir: cannot rebuild the training split of {config.run_dir}: {e}') from e
+      raise app.UsageError(f'--run_data_dir: cannot rebuild the training split of {config.run_dir}: {e}') from e
   task = model_config['task']
   model = rec.keras_model
   sparsity = None

@@ -5,20 +5,29 @@ after Python exits. Here we start the worker ourselves, in a new session, with
 `PR_SET_PDEATHSIG=SIGKILL` (the kernel kills it when we die, even by SIGKILL),
 and stop it from `atexit` and on SIGTERM. Contexts talk to workers through
 TFF's own `RemoteExecutor`; remote workers (`host:port`) are combined with
-TFF's mergeable-computation execution context.
+TFF's mergeable-computation execution context, which splits each call's
+clients into subrounds across the workers and merges their partial
+aggregates (`SplittingContext`). The same context over one local worker runs
+a large round in bounded memory (`clients_per_subround`).
+
+A worker that dies or stops answering makes the current call fail with a
+`WorkerError` naming its address; training loops checkpoint every round, so
+rerunning the same command resumes.
 """
 
 from __future__ import annotations
 
 import atexit
 import ctypes
+import functools
+import math
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from absl import logging
 import grpc
@@ -31,6 +40,9 @@ _GRPC_OPTIONS = [
 ]
 _PR_SET_PDEATHSIG = 1
 _STARTUP_TIMEOUT_SEC = 60.0
+# A worker that does not answer (re)connection attempts for this long during
+# a call is reported dead (TFF itself would retry forever).
+WORKER_TIMEOUT_SEC = 15.0
 
 _lock = threading.Lock()
 _live_workers: list['LocalWorker'] = []
@@ -170,7 +182,12 @@ def _wait_ready(stub, address: str, worker: Optional[LocalWorker]) -> None:
     time.sleep(0.1)
 
 
-def _executor_factory(address: str, worker: Optional[LocalWorker], default_num_clients: int):
+def _executor_factory(
+    address: str,
+    worker: Optional[LocalWorker],
+    default_num_clients: int,
+    worker_timeout_sec: float = WORKER_TIMEOUT_SEC,
+):
   """A TFF executor factory sending everything to the worker at `address`."""
   import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
   from tensorflow_federated.python.core.impl.types import placements  # pylint: disable=g-import-not-at-top
@@ -179,16 +196,28 @@ def _executor_factory(address: str, worker: Optional[LocalWorker], default_num_c
   stub = tff.framework.RemoteExecutorGrpcStub(channel)
   _wait_ready(stub, address, worker)
 
+  def dead(reason: str) -> WorkerError:
+    return WorkerError(
+        f'TFF worker at {address} {reason}; restart it (or drop it from --workers) and rerun '
+        'the same command to resume from the last checkpoint'
+    )
+
   def stack_fn(cardinalities):
+    # Called for a new executor: first use, or TFF's retry after a failed call.
     if worker is not None and not worker.alive():
-      raise WorkerError(
-          f'TFF worker at {address} died (exit status {worker.process.returncode}); '
-          'rerun the same command to resume from the last checkpoint'
-      )
+      raise dead(f'died (exit status {worker.process.returncode})')
+    try:
+      grpc.channel_ready_future(channel).result(timeout=worker_timeout_sec)
+    except grpc.FutureTimeoutError:
+      raise dead(f'is unreachable (no connection within {worker_timeout_sec:.0f}s)') from None
     if cardinalities.get(placements.CLIENTS) is None:
       cardinalities[placements.CLIENTS] = default_num_clients
     ex = tff.framework.RemoteExecutor(stub)
-    ex.set_cardinalities(cardinalities)
+    try:
+      ex.set_cardinalities(cardinalities)
+    except grpc.RpcError as e:
+      code = e.code().name if isinstance(e, grpc.Call) else type(e).__name__
+      raise dead(f'failed ({code})') from e
     return ex
 
   return tff.framework.ResourceManagingExecutorFactory(executor_stack_fn=stack_fn)
@@ -205,6 +234,21 @@ def _compiler(secure_intrinsics: bool):
     # federated_secure_sum(_bitwidth) to their exact (modular) sum bodies.
     comp = tff.backends.test.replace_secure_intrinsics_with_bodies(comp)
     return tff.backends.native.desugar_and_transform_to_native(comp)
+
+  return compile_fn
+
+
+def _mergeable_compiler(secure_intrinsics: bool):
+  """TFF's compiler to `MergeableCompForm` (secure sums lowered first)."""
+  import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
+  from tensorflow_federated.python.core.backends.native import mergeable_comp_compiler  # pylint: disable=g-import-not-at-top
+
+  if not secure_intrinsics:
+    return mergeable_comp_compiler.compile_to_mergeable_comp_form
+
+  def compile_fn(comp):
+    comp = tff.backends.test.replace_secure_intrinsics_with_bodies(comp)
+    return mergeable_comp_compiler.compile_to_mergeable_comp_form(comp)
 
   return compile_fn
 
@@ -241,16 +285,127 @@ def disarm_default_context() -> None:
       type(manager).__del__ = lambda self: None
 
 
+def serve_worker(
+    port: int,
+    *,
+    max_concurrent_computation_calls: int = -1,
+    log_path: Optional[str] = None,
+    on_ready: Optional[Callable[[LocalWorker], None]] = None,
+    poll_sec: float = 0.5,
+) -> int:
+  """Runs a worker on `port` until it exits or we are stopped; its exit status.
+
+  The worker dies with this process (see `LocalWorker`); SIGTERM and SIGINT
+  stop it. `on_ready` is called once it accepts connections.
+  """
+  # gRPC binds with SO_REUSEPORT, so a second worker on a busy port would
+  # silently share it; refuse instead.
+  if not portpicker.is_port_free(port):
+    raise WorkerError(f'port {port} is already in use')
+  worker = LocalWorker(port=port, max_concurrent_computation_calls=max_concurrent_computation_calls,
+                       log_path=log_path).start()
+  try:
+    channel = grpc.insecure_channel(worker.address, _GRPC_OPTIONS)
+    deadline = time.monotonic() + _STARTUP_TIMEOUT_SEC
+    while True:
+      if not worker.alive():
+        raise WorkerError(f'TFF worker on port {port} exited with status '
+                          f'{worker.process.returncode} during start-up')
+      try:
+        grpc.channel_ready_future(channel).result(timeout=0.5)
+        break
+      except grpc.FutureTimeoutError:
+        if time.monotonic() > deadline:
+          raise WorkerError(f'TFF worker on port {port} not ready after {_STARTUP_TIMEOUT_SEC:.0f}s') from None
+    channel.close()
+    if on_ready is not None:
+      on_ready(worker)
+    while worker.alive():
+      time.sleep(poll_sec)
+    return worker.process.returncode
+  finally:
+    worker.stop()
+
+
+def _splitting_context_class():
+  """`SplittingContext`, defined lazily (TFF is imported on first use)."""
+  from tensorflow_federated.python.core.impl.execution_contexts import mergeable_comp_execution_context as mergeable  # pylint: disable=g-import-not-at-top
+  from tensorflow_federated.python.core.impl.executors import cardinalities_utils  # pylint: disable=g-import-not-at-top
+  from tensorflow_federated.python.core.impl.types import placements  # pylint: disable=g-import-not-at-top
+
+  class SplittingContext(mergeable.MergeableCompExecutionContext):
+    """TFF's mergeable-computation context, with bounded subrounds and a fallback.
+
+    A computation with one logical aggregation (a training round, an
+    evaluation) is compiled by TFF into `up_to_merge` / `merge` /
+    `after_merge`; its clients are split into subrounds of at most
+    `max_clients_per_subround` (and at least one per worker), run on the
+    workers in parallel (extra subrounds queue), and the partial aggregates
+    are merged on a worker. A computation TFF cannot split (two dependent
+    aggregations) runs whole on `fallback` (the first worker).
+    """
+
+    def __init__(self, async_contexts, fallback, compiler_fn, transform_result,
+                 max_clients_per_subround: Optional[int]):
+      super().__init__(async_contexts, compiler_fn=compiler_fn, transform_result=transform_result)
+      self._fallback = fallback
+      self._max_clients = max_clients_per_subround
+      self._unsplittable = set()
+
+    def invoke(self, comp, arg=None):
+      if not isinstance(comp, mergeable.MergeableCompForm):
+        if id(comp) in self._unsplittable:
+          return self._fallback.invoke(comp, arg)
+        try:
+          comp = self._compiler_pipeline.compile(comp)
+        except (ValueError, TypeError) as e:
+          self._unsplittable.add(id(comp))
+          logging.info('Running a computation TFF cannot split into subrounds on one worker: %s', e)
+          return self._fallback.invoke(comp, arg)
+      subrounds = len(self._async_execution_contexts)
+      if arg is not None and self._max_clients:
+        clients = cardinalities_utils.infer_cardinalities(
+            arg, comp.up_to_merge.type_signature.parameter).get(placements.CLIENTS, 0)
+        subrounds = max(subrounds, math.ceil(clients / self._max_clients))
+      self._num_subrounds = subrounds
+      return super().invoke(comp, arg)
+
+  return SplittingContext
+
+
+def _splitting_context(
+    make_factories: Sequence[Callable[[], Any]],
+    secure_intrinsics: bool,
+    clients_per_subround: Optional[int],
+):
+  """A `SplittingContext` over one async context per worker (factory maker)."""
+  from tensorflow_federated.python.core.environments.tensorflow_frontend import tensorflow_computation  # pylint: disable=g-import-not-at-top
+
+  if clients_per_subround is not None and clients_per_subround <= 0:
+    raise ValueError(f'clients_per_subround must be positive, got {clients_per_subround}')
+  contexts = [_make_context(make(), secure_intrinsics, sync=False) for make in make_factories]
+  # The fallback has its own channel and executors (its own event loop).
+  fallback = _make_context(make_factories[0](), secure_intrinsics, sync=True)
+  return _splitting_context_class()(
+      contexts, fallback, _mergeable_compiler(secure_intrinsics),
+      tensorflow_computation.transform_result, clients_per_subround)
+
+
 def set_local_context(
     *,
     max_concurrent_computation_calls: int = -1,
     secure_intrinsics: bool = False,
     default_num_clients: int = 0,
     worker_log: Optional[str] = None,
+    clients_per_subround: Optional[int] = None,
 ) -> LocalWorker:
   """Installs a sync TFF context on a fresh local C++ worker; returns it.
 
-  Any worker started by an earlier call is stopped first.
+  Any worker started by an earlier call is stopped first. With
+  `clients_per_subround`, rounds with more clients run as sequential
+  subrounds of at most that many clients whose aggregates are merged
+  (`SplittingContext`): same results up to float summation order, with the
+  worker's memory bounded by one subround.
   """
   import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
 
@@ -261,8 +416,12 @@ def set_local_context(
       max_concurrent_computation_calls=max_concurrent_computation_calls,
       log_path=worker_log,
   ).start()
-  factory = _executor_factory(worker.address, worker, default_num_clients)
-  tff.framework.set_default_context(_make_context(factory, secure_intrinsics, sync=True))
+  make_factory = lambda: _executor_factory(worker.address, worker, default_num_clients)
+  if clients_per_subround is None:
+    context = _make_context(make_factory(), secure_intrinsics, sync=True)
+  else:
+    context = _splitting_context([make_factory], secure_intrinsics, clients_per_subround)
+  tff.framework.set_default_context(context)
   _installed = True
   return worker
 
@@ -272,25 +431,36 @@ def set_remote_context(
     *,
     secure_intrinsics: bool = False,
     default_num_clients: int = 0,
+    clients_per_subround: Optional[int] = None,
+    worker_timeout_sec: float = WORKER_TIMEOUT_SEC,
 ) -> None:
   """Installs TFF's mergeable-computation context over remote workers.
 
-  Each round's clients are split across the workers at `addresses`
-  (`host:port` of running `worker_binary` processes).
+  Each call's clients are split across the workers at `addresses`
+  (`host:port` of running `worker_binary` processes, e.g. started with
+  `experiments/start_worker.py`), in subrounds of at most
+  `clients_per_subround` clients if given. A worker that is unreachable for
+  `worker_timeout_sec` fails the call with a `WorkerError` naming it.
   """
   import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
 
   global _installed
+  addresses = [a.strip() for a in addresses if a.strip()]
   if not addresses:
     raise ValueError('set_remote_context needs at least one worker address')
-  disarm_default_context()
-  contexts = []
   for address in addresses:
-    factory = _executor_factory(address, None, default_num_clients)
-    contexts.append(_make_context(factory, secure_intrinsics, sync=False))
+    host, _, port = address.rpartition(':')
+    if not host or not port.isdigit():
+      raise ValueError(f'worker address {address!r} is not host:port')
+  if len(set(addresses)) != len(addresses):
+    raise ValueError(f'worker addresses repeat: {",".join(addresses)}')
+  disarm_default_context()
+  makers = [
+      functools.partial(_executor_factory, a, None, default_num_clients, worker_timeout_sec)
+      for a in addresses
+  ]
   tff.framework.set_default_context(
-      tff.backends.native.create_mergeable_comp_execution_context(contexts)
-  )
+      _splitting_context(makers, secure_intrinsics, clients_per_subround))
   _installed = True
 
 

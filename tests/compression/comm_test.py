@@ -160,3 +160,13 @@ def test_unsound_dp_combinations_are_refused():
   assert comm.build_compression_aggregator('quantize8', weighted=False, dp_factory=fixed,
                                            dp_order='noise_then_quantize') is not None
   assert comm.build_compression_aggregator('none', weighted=True) is None
+
+
+def test_default_aggregator_stats_count_row_sparse_denominators():
+  spec = _spec(3, 4, 2)
+  stats = comm.aggregator_comm_stats(None, spec, 'table', weighted=True)
+  # Row-sparse mean: the weighted update (88 bytes) plus one float32 weight per
+  # row of each table (3 + 4 + 3 + 4) and one for the global mean.
+  assert stats.upload_bytes == 88 + 4 * (3 + 4 + 3 + 4 + 1)
+  plain = comm.aggregator_comm_stats(None, spec, 'table', weighted=True, row_sparse_mean=False)
+  assert plain.upload_bytes == 88 + 4

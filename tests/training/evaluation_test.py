@@ -94,3 +94,12 @@ def test_finetune_personalizes_a_shared_model(data, tff_context):
   out = ev(model_fns_weights(rec.keras_model), user_ids=users)
   assert out['num_examples'] == np.isin(split.test.users, users).sum()
   assert out['finetune/rmse'] < 0.9 * out['baseline/rmse'], out
+
+
+def test_alternate_batches_partition_each_user_in_time_order(data):
+  support, query = evaluation.alternate_batches(data.ratings, batch_size=3)
+  assert len(support) + len(query) == len(data.ratings)
+  for u in data.ratings.present_users()[:5]:
+    mine = data.ratings.select(data.ratings.users == u).sorted_by_user()
+    expect_support = [i for k, i in enumerate(mine.items.tolist()) if (k // 3) % 2 == 0]
+    assert support.items[support.users == u].tolist() == expect_support

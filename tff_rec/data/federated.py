@@ -71,7 +71,7 @@ def client_id(user: int, round_num: Optional[int] = None) -> str:
   return str(int(user)) if round_num is None else f'{int(user)}:{int(round_num)}'
 
 
-def _cap_latest(r: ratings_lib.Ratings, max_examples: Optional[int]) -> ratings_lib.Ratings:
+def cap_latest(r: ratings_lib.Ratings, max_examples: Optional[int]) -> ratings_lib.Ratings:
   """Sorted by user then time, keeping each user's latest `max_examples`."""
   r = r.sorted_by_user()
   if max_examples is None or r.num_ratings == 0:
@@ -163,7 +163,7 @@ def make_dataset_fn(
   workers then need the same path (shared storage). Both give the same
   datasets.
   """
-  capped = _cap_latest(r, config.max_examples_per_user)
+  capped = cap_latest(r, config.max_examples_per_user)
   num_items = int(r.num_items)
   if storage_dir is not None:
     shard_dir = write_user_shards(capped, storage_dir)
@@ -295,8 +295,8 @@ def make_eval_dataset_fn(
   the query rows alone, or data the consumer splits itself (e.g. FedRecon's
   even/odd batch split for unseen users).
   """
-  q = _Tables(_cap_latest(query, None))
-  s = _Tables(_cap_latest(support, max_support_per_user)) if support is not None else None
+  q = _Tables(cap_latest(query, None))
+  s = _Tables(cap_latest(support, max_support_per_user)) if support is not None else None
   mark = support is not None
 
   def dataset_fn(cid: tf.Tensor) -> tf.data.Dataset:

@@ -72,6 +72,7 @@ class FederatedEvaluator:
     if heldout_users:
       # Unseen users: their ratings are both support and query (split later).
       data = query if support is None else _merge(support, query)
+      data = federated.cap_latest(data, max_support_per_user)
       self.client_data = federated.eval_client_data(None, data, batch_size, max_support_per_user)
       spec_in = federated.element_spec()
     elif reconstructs:
@@ -116,6 +117,19 @@ class FederatedEvaluator:
     output = self._composed.next(state, ids)
     metrics = output.metrics['client_work']['eval']['current_round_metrics']
     return collections.OrderedDict((k, _to_python(v)) for k, v in metrics.items())
+
+
+def alternate_batches(r: ratings_lib.Ratings, batch_size: int) -> tuple[ratings_lib.Ratings, ratings_lib.Ratings]:
+  """Per user, even batches (in time order) as support, odd ones as query.
+
+  The same partition TFF's `split_dataset=True` makes of an unseen user's
+  data in FedRecon evaluation, so fine-tuning baselines see the same rows.
+  """
+  s = r.sorted_by_user()
+  offsets = s.user_offsets()
+  position = np.arange(s.num_ratings) - offsets[s.users]
+  even = (position // batch_size) % 2 == 0
+  return s.select(even, name=f'{r.name}/support'), s.select(~even, name=f'{r.name}/query')
 
 
 def _to_python(v):

@@ -17,6 +17,7 @@ from tff_rec import version
 from tff_rec.data import federated
 from tff_rec.data import splits as splits_lib
 from tff_rec.models import base
+from tff_rec.models import metrics as metrics_lib
 from tff_rec.models import registry
 from tff_rec.training import algorithms
 from tff_rec.training import artifacts
@@ -52,6 +53,9 @@ class FederatedConfig:
   client_epochs: int = 1
   batch_size: int = 32
   max_examples_per_user: Optional[int] = None
+  # Implicit-feedback models: unrated items sampled per rating on each client
+  # (label 0; ratings become label 1), fresh every round. 0 for rating models.
+  negatives_per_positive: int = 0
   sampling: str = 'fixed_size'
   eval_every: int = 5
   eval_clients: Optional[int] = None  # users per periodic evaluation (None: all)
@@ -76,6 +80,8 @@ class FederatedConfig:
       raise ValueError('max_examples_per_user must be positive')
     if self.eval_clients is not None and self.eval_clients <= 0:
       raise ValueError('eval_clients must be positive')
+    if self.negatives_per_positive < 0:
+      raise ValueError('negatives_per_positive must be >= 0')
 
   @property
   def run_dir(self) -> str:
@@ -145,6 +151,12 @@ def run_federated(
     )
   spec = model_spec(config, split)
   user_embedding = algorithms.default_user_embedding(config.algorithm.name, split.heldout_users)
+  implicit = spec.task == base.TASK_IMPLICIT
+  if implicit and (config.negatives_per_positive <= 0 or split.negatives is None):
+    raise ValueError('implicit models train with negatives_per_positive > 0 and are evaluated '
+                     'on a leave-one-out split with sampled negatives (e.g. ncf-ml-1m)')
+  if not implicit and config.negatives_per_positive:
+    raise ValueError('negatives_per_positive is for implicit models only')
   install_runtime(config)
 
   run_dir = config.run_dir
@@ -166,7 +178,7 @@ def run_federated(
           num_epochs=config.client_epochs,
           max_examples_per_user=config.max_examples_per_user,
           seed=config.seed,
-          negatives_per_positive=0,
+          negatives_per_positive=config.negatives_per_positive,
       ),
   )
   composed = tff.simulation.compose_dataset_computation_with_learning_process(
@@ -187,10 +199,31 @@ def run_federated(
         heldout_users=split.heldout_users,
     )
 
-  val_eval = evaluator_for(split.val) if split.val.num_ratings else None
-  periodic = val_eval or evaluator_for(split.test)
-  eval_selection = _sample_eval(periodic.user_ids, config.eval_clients, config.seed)
+  if implicit:
+    # HR@K / NDCG@K of the global model, centrally. FedRecon's local user
+    # rows need per-user reconstruction first (tff_rec.reproduce.local_recon).
+    val_eval = None
+    periodic = (None if user_embedding == model_fns.UserEmbedding.LOCAL
+                else RankingEvaluator(spec, user_embedding, split))
+  else:
+    val_eval = evaluator_for(split.val) if split.val.num_ratings else None
+    periodic = val_eval or evaluator_for(split.test)
+  sample_eval = _sample_eval(periodic.user_ids if periodic else [], config.eval_clients, config.seed)
   rounds = total_rounds or config.total_rounds
+  last_eval = {}
+
+  def eval_selection(round_num: int):
+    # No evaluation of the untrained model at round 0 (TFF's loop asks).
+    return None if round_num == 0 else (round_num, sample_eval(round_num))
+
+  def evaluate(weights, selection):
+    if selection is None:
+      return {}
+    round_num, ids = selection
+    metrics = periodic(weights, ids)
+    last_eval.update(round=round_num, all_users=len(ids) == len(periodic.user_ids), metrics=metrics)
+    return metrics
+
   state = loop.run(
       composed,
       sampler,
@@ -201,17 +234,27 @@ def run_federated(
           checkpoint_every=config.checkpoint_every,
           progress_bar=config.progress_bar,
       ),
-      evaluation_fn=periodic,
+      evaluation_fn=evaluate if periodic else None,
       evaluation_selection_fn=eval_selection,
       extra_metrics_fn=extra_metrics_fn,
   )
   weights = process.get_model_weights(state)
-  test_eval = evaluator_for(split.test) if periodic is val_eval else periodic
-  test_metrics = dict(test_eval(weights))
+  if periodic is not val_eval and last_eval.get('round') == rounds and last_eval['all_users']:
+    test_metrics = dict(last_eval['metrics'])  # The last periodic evaluation was this one.
+  elif implicit:
+    test_metrics = dict(periodic(weights)) if periodic else {}
+  else:
+    test_eval = evaluator_for(split.test) if periodic is val_eval else periodic
+    test_metrics = dict(test_eval(weights))
   if config.finetune_eval and user_embedding == model_fns.UserEmbedding.SHARED:
-    support = split.test if split.heldout_users else split.train
-    finetune = evaluation.FinetuneEvaluator(spec, user_embedding, support, split.test,
-                                            batch_size=config.batch_size)
+    if split.heldout_users:
+      test = federated.cap_latest(split.test, config.max_examples_per_user)
+      support, query = evaluation.alternate_batches(test, config.batch_size)
+    else:
+      support, query = split.train, split.test
+    finetune = evaluation.FinetuneEvaluator(
+        spec, user_embedding, support, query, batch_size=config.batch_size,
+        finetune_optimizer=config.algorithm.client_optimizer)
     test_metrics.update(finetune(weights))
   artifacts.write_json(os.path.join(run_dir, 'test_metrics.json'), test_metrics)
 
@@ -234,6 +277,31 @@ def run_federated(
       },
   )
   return RunResult(run_dir, test_metrics, state, final_dir, time.time() - started)
+
+
+class RankingEvaluator:
+  """HR@K and NDCG@K of global weights on a leave-one-out test part (NCF protocol)."""
+
+  def __init__(self, spec: model_fns.ModelSpec, user_embedding: model_fns.UserEmbedding,
+               split: splits_lib.Split, top_k: int = 10):
+    if user_embedding == model_fns.UserEmbedding.LOCAL:
+      raise ValueError('local user rows must be reconstructed before ranking')
+    self._rec = spec.build(user_embedding)
+    self._user_embedding = user_embedding
+    self._test = split.test
+    self._negatives = split.negatives
+    self._top_k = top_k
+    self.user_ids = [federated.client_id(u) for u in split.test.present_users()]
+
+  def __call__(self, model_weights: Any, user_ids=None) -> dict:
+    del user_ids  # Every test case is ranked (cheap: 100 scores per user).
+    assign_global_weights(self._rec, self._user_embedding, model_weights)
+    result = metrics_lib.hit_rate_and_ndcg_sampled(
+        metrics_lib.keras_score_fn(self._rec.keras_model), self._test.users, self._test.items,
+        self._negatives, self._top_k)
+    k = self._top_k
+    return {f'hr@{k}': result['hit_rate'], f'ndcg@{k}': result['ndcg'],
+            'num_users': int(self._test.num_ratings)}
 
 
 def assign_global_weights(rec, user_embedding: model_fns.UserEmbedding, weights) -> None:

@@ -1,0 +1,122 @@
+"""Reproduces one of the paper tables, resumably, with CSV / Markdown / PNG outputs.
+
+  python -m experiments.reproduce --flagfile=experiments/flags/table_central_baselines.cfg \
+      --data_dir=../shared/data
+  python -m experiments.reproduce --table=fedrecon_ml1m --quick --data_dir=../shared/data
+
+Tables: central_baselines, fedrecon_ml1m, ncf_ml1m, privacy_ml1m,
+compression_ml1m (see tff_rec/reproduce/tables.py). Writes to --output_dir
+(default results/<table>, results/<table>/quick with --quick): table.csv,
+table.md, table.png, manifest.json (flags, seeds, versions, machine, every
+cell's settings), cells/*.json (one finished cell each) and runs/ (training
+run directories with checkpoints). Rerunning the same command skips finished
+cells and resumes interrupted federated training from its checkpoint. Exits
+with status 1 if a cell failed or a model does not beat the trivial
+predictor.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from typing import Sequence
+
+from absl import app
+from absl import flags
+
+from tff_rec.reproduce import common
+from tff_rec.reproduce import harness
+from tff_rec.reproduce import report
+from tff_rec.reproduce import tables
+
+FLAGS = flags.FLAGS
+
+_TABLE = flags.DEFINE_enum('table', None, list(tables.TABLES), 'Which table to reproduce.')
+_OUTPUT_DIR = flags.DEFINE_string('output_dir', None,
+                                  'Output folder (default results/<table>, or results/<table>/quick).')
+_DATA_DIR = flags.DEFINE_string('data_dir', None, 'Folder holding ml-100k.zip, ml-1m.zip and '
+                                'ncf-ml-1m.zip. Default: the download cache (MovieLens only).')
+_ML100K = flags.DEFINE_string('ml_100k', None, 'ML-100K zip or folder (overrides --data_dir).')
+_ML1M = flags.DEFINE_string('ml_1m', None, 'ML-1M zip or folder (overrides --data_dir).')
+_NCF = flags.DEFINE_string('ncf_ml_1m', None, 'NCF leave-one-out files, zip or folder '
+                           '(overrides --data_dir).')
+_SEEDS = flags.DEFINE_list('seeds', None, 'Seeds (repetitions). Default 0,1,2; with --quick, 0. '
+                           'central_baselines repeats over folds and uses the first seed.')
+_QUICK = flags.DEFINE_bool('quick', False, 'Smoke test: few users, rounds and epochs.')
+_MAX_ROUNDS = flags.DEFINE_integer('max_rounds', 100, 'Cap on federated rounds (0: no cap, e.g. '
+                                   'the 500 rounds of the FedRecon google-research baseline).')
+_ROWS = flags.DEFINE_list('rows', [], 'Only the rows whose label contains one of these.')
+_PROGRESS = flags.DEFINE_bool('progress_bar', False, 'Progress bars of the training runs.')
+_LIST = flags.DEFINE_bool('list_cells', False, 'Print the cells (and whether done) and exit.')
+
+flags.mark_flag_as_required('table')
+
+
+def options_from_flags() -> harness.RunOptions:
+  """Validated run options; app.UsageError naming the flag."""
+  try:
+    seeds = tuple(int(s) for s in _SEEDS.value) if _SEEDS.value is not None else None
+  except ValueError as e:
+    raise app.UsageError(f'--seeds must be integers, got {_SEEDS.value}') from e
+  if seeds is not None and (not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0):
+    raise app.UsageError(f'--seeds must be distinct non-negative integers, got {_SEEDS.value}')
+  table = tables.get(_TABLE.value)
+  if seeds is None:
+    seeds = table.default_quick_seeds if _QUICK.value else (0, 1, 2)
+  if _MAX_ROUNDS.value < 0:
+    raise app.UsageError(f'--max_rounds must be >= 0, got {_MAX_ROUNDS.value}')
+  paths = {}
+  for flag, name in ((_ML100K, common.ML100K), (_ML1M, common.ML1M), (_NCF, common.NCF_ML1M)):
+    if flag.value:
+      if not os.path.exists(flag.value):
+        raise app.UsageError(f'--{flag.name}={flag.value} does not exist')
+      paths[name] = flag.value
+  if _DATA_DIR.value and not os.path.isdir(_DATA_DIR.value):
+    raise app.UsageError(f'--data_dir={_DATA_DIR.value} is not a folder')
+  output_dir = _OUTPUT_DIR.value or os.path.join(
+      'results', _TABLE.value, *(['quick'] if _QUICK.value else []))
+  return harness.RunOptions(
+      output_dir=output_dir, seeds=seeds, quick=_QUICK.value,
+      max_rounds=_MAX_ROUNDS.value or None, data_dir=_DATA_DIR.value, data_paths=paths,
+      rows=tuple(_ROWS.value), progress_bar=_PROGRESS.value)
+
+
+def flag_values() -> dict:
+  """The values of this binary's flags (for the manifest)."""
+  names = ('table', 'output_dir', 'data_dir', 'ml_100k', 'ml_1m', 'ncf_ml_1m', 'seeds', 'quick',
+           'max_rounds', 'rows', 'progress_bar')
+  return {n: FLAGS[n].value for n in names}
+
+
+def list_cells(table: harness.TableSpec, options: harness.RunOptions) -> None:
+  for cell in harness.select_cells(table.build_cells(options), options.rows):
+    done = harness.load_finished(options.output_dir, cell) is not None
+    print(f'{"done" if done else "todo"}  {cell.name}  ->  {", ".join(cell.rows)}')
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  from experiments import common_flags  # pylint: disable=g-import-not-at-top
+  common_flags.quiet_logging()
+  options = options_from_flags()
+  table = tables.get(_TABLE.value)
+  if _LIST.value:
+    list_cells(table, options)
+    return
+  run = harness.run_table(table, options)
+  command = ' '.join(shlex.quote(a) for a in [sys.executable, '-m', 'experiments.reproduce']
+                     + sys.argv[1:])
+  paths = report.write_outputs(table, run, options, command, flag_values())
+  print(f'{table.name}: wrote {paths[report.MARKDOWN_NAME]}, {paths[report.CSV_NAME]}, '
+        f'{paths[report.PLOT_NAME]}, {paths[report.MANIFEST_NAME]} '
+        f'({run.wall_seconds:.0f}s)')
+  if not run.ok:
+    for p in run.problems:
+      print(f'PROBLEM: {p}', file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == '__main__':
+  app.run(main)

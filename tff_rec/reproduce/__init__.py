@@ -1,0 +1,1 @@
+"""Reproduction tables: `python -m experiments.reproduce --table=<name>`."""

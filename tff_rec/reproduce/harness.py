@@ -1,0 +1,452 @@
+"""Runs the cells of a reproduction table, resumably, and aggregates them.
+
+A table (`TableSpec`, defined in `tables.py`) is a list of rows; each row is
+measured by cells (`Cell`), one per repetition (a seed, or a fold). A cell
+returns metrics for one or more rows (e.g. FedAvg with and without
+fine-tuning come from one training run). `run_table`:
+
+* runs every cell not finished before and saves its result as JSON
+  (`cells/<key>-<hash>.json`, written atomically) as soon as it is done; the
+  hash covers everything that defines the result (`Cell.params`), so a
+  changed setting (or `--quick`) is a different cell and never reuses a stale
+  result;
+* gives federated cells a run directory (`runs/<key>-<hash>`) whose hash
+  leaves out the number of rounds: `run_federated` resumes from its latest
+  checkpoint there, after an interruption or when a round cap is raised;
+* records failures (the other cells still run) and skipped cells (a missing
+  optional module), which are retried on the next run;
+* aggregates the repetitions of each row into mean, standard deviation
+  (ddof=1) and count per metric.
+
+Rendering (CSV, Markdown, PNG) is `report.py`'s job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import math
+import os
+import re
+import time
+import traceback
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+from absl import logging
+
+from tff_rec.training import artifacts
+
+# Row kinds.
+TRIVIAL = 'trivial'  # a trivial predictor (global mean, popularity)
+OURS = 'ours'  # measured here
+PUBLISHED = 'published'  # only published numbers (no cells)
+
+DONE = 'done'
+FAILED = 'failed'
+SKIPPED = 'skipped'
+
+
+class CellSkipped(Exception):
+  """Raised by a cell that cannot run here (e.g. an optional module is missing)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Column:
+  """A metric shown in the table."""
+
+  key: str  # metric name in the cell results
+  header: str
+  digits: int = 4
+  lower_is_better: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class RowSpec:
+  """One row: our measurement and/or published numbers.
+
+  `published` maps a Column key to the published value (`source` says
+  where it is from). The trivial-baseline check compares each `OURS` row
+  with the `TRIVIAL` row of the same setting on the table's `check_metric`;
+  `beats_trivial_quick=False` exempts a row in `--quick` mode (e.g. a
+  federated model after two rounds).
+  """
+
+  label: str
+  setting: str = ''
+  kind: str = OURS
+  published: Mapping[str, float] = dataclasses.field(default_factory=dict)
+  source: str = ''
+  beats_trivial_quick: bool = True
+
+
+@dataclasses.dataclass
+class RunOptions:
+  """What a table run is asked to do (the flags of experiments/reproduce.py)."""
+
+  output_dir: str
+  seeds: tuple[int, ...] = (0, 1, 2)
+  quick: bool = False
+  max_rounds: Optional[int] = None  # cap on federated rounds (None: no cap)
+  data_dir: Optional[str] = None  # a folder holding ml-100k.zip, ml-1m.zip, ncf-ml-1m.zip
+  data_paths: Mapping[str, str] = dataclasses.field(default_factory=dict)  # per data set
+  rows: tuple[str, ...] = ()  # only rows whose label contains one of these
+  progress_bar: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+  """One unit of work: `run(ctx)` returns `{row label: {metric: value}}`."""
+
+  name: str  # unique within the table, e.g. 'ml1m-mf-fold3'
+  rows: tuple[str, ...]
+  setting: str
+  repeat: int  # the seed or fold this cell is
+  params: Mapping[str, Any]  # everything that defines the result
+  run: Callable[['CellContext'], Mapping[str, Mapping[str, Any]]]
+  # Keys of `params` left out of the run directory's hash (e.g. rounds, so
+  # a longer run resumes from a shorter one's checkpoint).
+  resumable_keys: tuple[str, ...] = ('total_rounds',)
+
+  @property
+  def params_hash(self) -> str:
+    return _hash(self.params)
+
+  @property
+  def run_hash(self) -> str:
+    return _hash({k: v for k, v in self.params.items() if k not in self.resumable_keys})
+
+  @property
+  def key(self) -> str:
+    return f'{_slug(self.name)}-{self.params_hash}'
+
+
+@dataclasses.dataclass
+class CellContext:
+  """What a running cell gets: where to write, the options, a shared cache."""
+
+  cell: Cell
+  options: RunOptions
+  run_dir: str
+  cache: dict
+
+  def cached(self, key: Any, make: Callable[[], Any]) -> Any:
+    """`make()` once per process for `key` (loaded data, splits)."""
+    if key not in self.cache:
+      self.cache[key] = make()
+    return self.cache[key]
+
+
+@dataclasses.dataclass
+class CellResult:
+  """A finished (or failed / skipped) cell."""
+
+  cell: Cell
+  status: str
+  metrics: Mapping[str, Mapping[str, Any]]  # row -> metrics
+  seconds: float
+  reused: bool = False  # read back from an earlier run
+  error: str = ''
+  finished_at: str = ''
+
+
+@dataclasses.dataclass(frozen=True)
+class Stat:
+  """Mean, standard deviation (None for one value) and count of a metric."""
+
+  mean: float
+  std: Optional[float]
+  n: int
+
+
+@dataclasses.dataclass
+class RowResult:
+  """A row of the final table."""
+
+  spec: RowSpec
+  stats: dict[str, Stat]  # metric -> Stat over repetitions
+  values: dict[str, Any]  # non-numeric metrics (first repetition's)
+  repeats: list[int]
+  seconds: float
+  status: str  # done / failed / skipped / partial / published / not run
+
+
+@dataclasses.dataclass
+class TableSpec:
+  """A table: rows, columns, cells, published numbers and notes."""
+
+  name: str
+  title: str
+  description: str
+  columns: list[Column]
+  rows: list[RowSpec]
+  build_cells: Callable[[RunOptions], list[Cell]]
+  check_metric: str  # the metric on which ours must beat the trivial row
+  repeat_label: str = 'seed'
+  notes: list[str] = dataclasses.field(default_factory=list)
+  plot: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  default_quick_seeds: tuple[int, ...] = (0,)
+
+  def row(self, label: str, setting: str = '') -> RowSpec:
+    for r in self.rows:
+      if r.label == label and r.setting == setting:
+        return r
+    raise KeyError(f'{self.name}: no row {label!r} in setting {setting!r}')
+
+  @property
+  def check_column(self) -> Column:
+    return next(c for c in self.columns if c.key == self.check_metric)
+
+
+def _slug(text: str) -> str:
+  return re.sub(r'[^A-Za-z0-9_.-]+', '_', text).strip('_')[:80]
+
+
+def _canonical(value: Any) -> Any:
+  """JSON-ready form of params (dataclasses, tuples, numpy scalars)."""
+  if dataclasses.is_dataclass(value) and not isinstance(value, type):
+    return _canonical(dataclasses.asdict(value))
+  if isinstance(value, Mapping):
+    return {str(k): _canonical(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+  if isinstance(value, (list, tuple)):
+    return [_canonical(v) for v in value]
+  if hasattr(value, 'item') and callable(value.item):
+    return value.item()
+  if isinstance(value, float) and not math.isfinite(value):
+    return repr(value)
+  return value
+
+
+def _hash(params: Mapping[str, Any]) -> str:
+  text = json.dumps(_canonical(params), sort_keys=True, default=str)
+  return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def cells_dir(output_dir: str) -> str:
+  return os.path.join(output_dir, 'cells')
+
+
+def cell_path(output_dir: str, cell: Cell) -> str:
+  return os.path.join(cells_dir(output_dir), f'{cell.key}.json')
+
+
+def cell_run_dir(output_dir: str, cell: Cell) -> str:
+  """The cell's training run directory (checkpoints survive a rerun)."""
+  return os.path.join(output_dir, 'runs', f'{_slug(cell.name)}-{cell.run_hash}')
+
+
+def _now() -> str:
+  return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
+
+
+def load_finished(output_dir: str, cell: Cell) -> Optional[CellResult]:
+  """The saved result of a finished cell with the same params, if any."""
+  path = cell_path(output_dir, cell)
+  if not os.path.exists(path):
+    return None
+  try:
+    record = artifacts.read_json(path)
+  except (OSError, ValueError) as e:
+    logging.warning('Ignoring unreadable cell result %s (%s); rerunning it', path, e)
+    return None
+  if record.get('status') != DONE or record.get('params_hash') != cell.params_hash:
+    return None
+  return CellResult(cell, DONE, record['metrics'], float(record.get('seconds', 0.0)),
+                    reused=True, finished_at=record.get('finished_at', ''))
+
+
+def save_finished(output_dir: str, result: CellResult) -> str:
+  """Writes a finished cell's JSON atomically; returns its path."""
+  cell = result.cell
+  path = cell_path(output_dir, cell)
+  artifacts.write_json(path, {
+      'name': cell.name,
+      'rows': list(cell.rows),
+      'setting': cell.setting,
+      'repeat': cell.repeat,
+      'status': result.status,
+      'params': _canonical(cell.params),
+      'params_hash': cell.params_hash,
+      'metrics': _canonical(result.metrics),
+      'seconds': result.seconds,
+      'finished_at': result.finished_at,
+  })
+  return path
+
+
+def select_cells(cells: Sequence[Cell], rows: Sequence[str]) -> list[Cell]:
+  """The cells producing a row whose label contains one of `rows` (all if empty)."""
+  if not rows:
+    return list(cells)
+  wanted = [r.lower() for r in rows]
+  return [c for c in cells if any(w in row.lower() for row in c.rows for w in wanted)]
+
+
+def run_cells(cells: Sequence[Cell], options: RunOptions,
+              on_result: Optional[Callable[[CellResult], None]] = None) -> list[CellResult]:
+  """Runs (or reuses) every cell in order; never raises for a failing cell."""
+  names = [c.name for c in cells]
+  dupes = sorted({n for n in names if names.count(n) > 1})
+  if dupes:
+    raise ValueError(f'duplicate cell names: {dupes}')
+  cache: dict = {}
+  results = []
+  for k, cell in enumerate(cells):
+    prefix = f'[{k + 1}/{len(cells)}] {cell.name}'
+    result = load_finished(options.output_dir, cell)
+    if result is not None:
+      logging.info('%s: finished before (%.0fs), reusing %s', prefix, result.seconds,
+                   cell_path(options.output_dir, cell))
+      print(f'{prefix}: done before ({result.seconds:.0f}s)', flush=True)
+    else:
+      result = _run_one(cell, options, cache)
+      print(f'{prefix}: {result.status} ({result.seconds:.0f}s)'
+            + (f': {result.error.splitlines()[-1] if result.error else ""}'
+               if result.status != DONE else ''), flush=True)
+    results.append(result)
+    if on_result is not None:
+      on_result(result)
+  return results
+
+
+def _run_one(cell: Cell, options: RunOptions, cache: dict) -> CellResult:
+  run_dir = cell_run_dir(options.output_dir, cell)
+  ctx = CellContext(cell, options, run_dir, cache)
+  started = time.time()
+  try:
+    metrics = cell.run(ctx)
+  except CellSkipped as e:
+    return CellResult(cell, SKIPPED, {}, time.time() - started, error=str(e), finished_at=_now())
+  except Exception as e:  # pylint: disable=broad-except
+    logging.error('cell %s failed:\n%s', cell.name, traceback.format_exc())
+    return CellResult(cell, FAILED, {}, time.time() - started,
+                      error=f'{type(e).__name__}: {e}', finished_at=_now())
+  missing = sorted(set(cell.rows) - set(metrics))
+  extra = sorted(set(metrics) - set(cell.rows))
+  if missing or extra:
+    return CellResult(cell, FAILED, {}, time.time() - started,
+                      error=f'cell returned rows {sorted(metrics)}, expected {list(cell.rows)}',
+                      finished_at=_now())
+  result = CellResult(cell, DONE, {r: dict(m) for r, m in metrics.items()},
+                      time.time() - started, finished_at=_now())
+  save_finished(options.output_dir, result)
+  return result
+
+
+def _is_number(v: Any) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def summarize(values: Sequence[float]) -> Stat:
+  """Mean, sample standard deviation (None for fewer than 2) and count."""
+  n = len(values)
+  mean = math.fsum(values) / n
+  std = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
+  return Stat(mean, std, n)
+
+
+def aggregate(table: TableSpec, results: Sequence[CellResult]) -> list[RowResult]:
+  """One RowResult per row of the table, in the table's order."""
+  rows = []
+  for spec in table.rows:
+    if spec.kind == PUBLISHED:
+      rows.append(RowResult(spec, {}, {}, [], 0.0, PUBLISHED))
+      continue
+    mine = [r for r in results if r.cell.setting == spec.setting and spec.label in r.cell.rows]
+    done = [r for r in mine if r.status == DONE]
+    per_metric: dict[str, list[float]] = {}
+    values: dict[str, Any] = {}
+    for r in done:
+      for k, v in r.metrics[spec.label].items():
+        if _is_number(v):
+          per_metric.setdefault(k, []).append(float(v))
+        else:
+          values.setdefault(k, v)
+    stats = {k: summarize(v) for k, v in per_metric.items()}
+    if not mine:
+      status = 'not run'
+    elif len(done) == len(mine):
+      status = DONE
+    elif not done:
+      status = FAILED if any(r.status == FAILED for r in mine) else SKIPPED
+      reasons = sorted({r.error for r in mine if r.error})
+      if reasons:
+        values.setdefault('reason', '; '.join(reasons))
+    else:
+      status = 'partial'
+    rows.append(RowResult(spec, stats, values, sorted(r.cell.repeat for r in done),
+                          sum(r.seconds for r in mine), status))
+  return rows
+
+
+def trivial_check(table: TableSpec, rows: Sequence[RowResult], quick: bool) -> list[str]:
+  """Rows that should beat their setting's trivial row but do not (messages)."""
+  column = table.check_column
+  trivial = {r.spec.setting: r for r in rows if r.spec.kind == TRIVIAL}
+  problems = []
+  for r in rows:
+    if r.spec.kind != OURS or r.status not in (DONE, 'partial'):
+      continue
+    if quick and not r.spec.beats_trivial_quick:
+      continue
+    base = trivial.get(r.spec.setting)
+    if base is None or column.key not in base.stats:
+      problems.append(f'{r.spec.label}: no trivial row to compare with')
+      continue
+    if column.key not in r.stats:
+      problems.append(f'{r.spec.label}: no {column.key}')
+      continue
+    ours, ref = r.stats[column.key].mean, base.stats[column.key].mean
+    better = ours < ref if column.lower_is_better else ours > ref
+    if not better:
+      problems.append(f'{r.spec.setting + ": " if r.spec.setting else ""}{r.spec.label}: '
+                      f'{column.key} {ours:.4f} does not beat {base.spec.label} ({ref:.4f})')
+  return problems
+
+
+def beats_trivial(table: TableSpec, rows: Sequence[RowResult]) -> dict[tuple[str, str], Optional[bool]]:
+  """(setting, label) -> whether the row beats its trivial row (None: n/a)."""
+  column = table.check_column
+  trivial = {r.spec.setting: r for r in rows if r.spec.kind == TRIVIAL}
+  out = {}
+  for r in rows:
+    base = trivial.get(r.spec.setting)
+    if (r.spec.kind != OURS or base is None or column.key not in r.stats
+        or column.key not in base.stats):
+      out[(r.spec.setting, r.spec.label)] = None
+      continue
+    ours, ref = r.stats[column.key].mean, base.stats[column.key].mean
+    out[(r.spec.setting, r.spec.label)] = ours < ref if column.lower_is_better else ours > ref
+  return out
+
+
+@dataclasses.dataclass
+class TableRun:
+  """Everything one invocation produced for a table."""
+
+  cells: list[Cell]
+  results: list[CellResult]
+  rows: list[RowResult]
+  problems: list[str]  # failed cells and rows that do not beat the trivial row
+  started_at: str
+  finished_at: str
+  wall_seconds: float
+
+  @property
+  def ok(self) -> bool:
+    return not self.problems
+
+
+def run_table(table: TableSpec, options: RunOptions,
+              on_result: Optional[Callable[[CellResult], None]] = None) -> TableRun:
+  """Builds, filters and runs the table's cells; aggregates and checks the rows."""
+  started, started_at = time.time(), _now()
+  cells = select_cells(table.build_cells(options), options.rows)
+  if not cells:
+    raise ValueError(f'{table.name}: no cells match rows {list(options.rows)}')
+  results = run_cells(cells, options, on_result)
+  rows = aggregate(table, results)
+  problems = [f'cell {r.cell.name} failed: {r.error}' for r in results if r.status == FAILED]
+  problems += trivial_check(table, rows, options.quick)
+  return TableRun(cells, results, rows, problems, started_at, _now(), time.time() - started)
