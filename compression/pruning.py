@@ -57,8 +57,12 @@ class PruningConfig:
   prune_biases: bool = False
   negatives_per_positive: int = 4  # implicit models
   seed: int = 0
+  # Row L2 of the embedding tables while fine-tuning (None: the model's own).
+  finetune_l2: Optional[float] = None
 
   def __post_init__(self):
+    if self.finetune_l2 is not None and self.finetune_l2 < 0:
+      raise ValueError(f'finetune_l2 must be >= 0, got {self.finetune_l2}')
     if not 0.0 < self.target_sparsity < 1.0:
       raise ValueError(f'target_sparsity must be in (0, 1), got {self.target_sparsity}')
     if self.schedule not in SCHEDULES:
@@ -141,6 +145,10 @@ def prune(
   schedule = _schedule(config, steps_per_epoch * max(config.finetune_epochs, 1))
 
   work = _copy(model)
+  if config.finetune_l2 is not None:
+    for layer in work.layers:
+      if isinstance(layer, base.EmbeddingLookup):
+        layer.l2 = float(config.finetune_l2)
   wrapped = tf.keras.models.clone_model(
       work, clone_function=lambda layer: (
           tfmot.sparsity.keras.prune_low_magnitude(layer, pruning_schedule=schedule)

@@ -25,7 +25,7 @@ reproduces best. Models with weighted layers of other kinds raise
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Mapping, Optional
+from typing import Callable, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -35,7 +35,6 @@ from tff_rec.data import centralized
 from tff_rec.data import ratings as ratings_lib
 from tff_rec.models import base
 from tff_rec.models import mf
-from tff_rec.models import registry
 
 STORAGE_MODES = ('int8', 'float16')
 _QMAX = 127.0
@@ -446,11 +445,3 @@ def qat_finetune(model: tf.keras.Model, task: str, train: ratings_lib.Ratings,
   out = tf.keras.models.clone_model(model)
   float_weights_from_qat(qat, out)
   return out, losses
-
-
-def rebuild(model_config: Mapping) -> tf.keras.Model:
-  """A fresh float Keras model of a run's config (a template for weights)."""
-  return registry.build_model(
-      model_config['model'], model_config['num_users'], model_config['num_items'],
-      personal=model_config['user_embedding'] != 'table', seed=model_config.get('seed', 0),
-      **model_config['hparams']).keras_model

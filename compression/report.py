@@ -88,6 +88,46 @@ def _to_bytes(raw_ids: np.ndarray) -> np.ndarray:
   return np.array([str(r).encode() for r in raw_ids], dtype=object)
 
 
+def predict_export(
+    version_dir: str,
+    model_config: Mapping,
+    user_index: ratings_lib.IdIndex,
+    item_index: ratings_lib.IdIndex,
+    train: ratings_lib.Ratings,
+    pairs: ratings_lib.Ratings,
+    batch_size: int = 8192,
+) -> np.ndarray:
+  """`serving_default` predictions of an exported model for the (user, item) pairs.
+
+  FedRecon exports get each user's training ratings as the history.
+  """
+  predict = serving.load_signature(version_dir, serving.SERVING_DEFAULT)
+  users_raw, items_raw = user_index.raw_ids, item_index.raw_ids
+  if model_config['user_embedding'] == 'local':
+    preds = np.zeros(pairs.num_ratings, np.float32)
+    train_sorted = train.sorted_by_user()
+    offsets = train_sorted.user_offsets()
+    for u in np.unique(pairs.users):
+      rows = np.flatnonzero(pairs.users == u)
+      lo, hi = offsets[u], offsets[u + 1]
+      out = predict(
+          history_item_id=tf.constant(_to_bytes(items_raw[train_sorted.items[lo:hi]]), tf.string),
+          history_rating=tf.constant(train_sorted.ratings[lo:hi], tf.float32),
+          item_id=tf.constant(_to_bytes(items_raw[pairs.items[rows]]), tf.string))
+      preds[rows] = out['prediction'].numpy()
+    return preds
+  return _score_pairs(predict, users_raw, items_raw, pairs.users, pairs.items, batch_size)
+
+
+def _score_pairs(predict, users_raw, items_raw, users, items, batch_size) -> np.ndarray:
+  out = []
+  for s in range(0, len(users), batch_size):
+    res = predict(user_id=tf.constant(_to_bytes(users_raw[users[s:s + batch_size]]), tf.string),
+                  item_id=tf.constant(_to_bytes(items_raw[items[s:s + batch_size]]), tf.string))
+    out.append(res['prediction'].numpy())
+  return np.concatenate(out) if out else np.zeros([0], np.float32)
+
+
 def evaluate_export(
     version_dir: str,
     model_config: Mapping,
@@ -100,35 +140,13 @@ def evaluate_export(
     batch_size: int = 8192,
 ) -> dict:
   """Test metrics of an exported model, computed through its signatures."""
-  predict = serving.load_signature(version_dir, serving.SERVING_DEFAULT)
-  users_raw = user_index.raw_ids
-  items_raw = item_index.raw_ids
-  if model_config['user_embedding'] == 'local':
-    preds = np.zeros(test.num_ratings, np.float32)
-    train_sorted = train.sorted_by_user()
-    offsets = train_sorted.user_offsets()
-    for u in np.unique(test.users):
-      rows = np.flatnonzero(test.users == u)
-      lo, hi = offsets[u], offsets[u + 1]
-      out = predict(
-          history_item_id=tf.constant(_to_bytes(items_raw[train_sorted.items[lo:hi]]), tf.string),
-          history_rating=tf.constant(train_sorted.ratings[lo:hi], tf.float32),
-          item_id=tf.constant(_to_bytes(items_raw[test.items[rows]]), tf.string))
-      preds[rows] = out['prediction'].numpy()
-    return _rating_metrics(preds, test.ratings)
-
-  def score(users: np.ndarray, items: np.ndarray) -> np.ndarray:
-    out = []
-    for s in range(0, len(users), batch_size):
-      res = predict(user_id=tf.constant(_to_bytes(users_raw[users[s:s + batch_size]]), tf.string),
-                    item_id=tf.constant(_to_bytes(items_raw[items[s:s + batch_size]]), tf.string))
-      out.append(res['prediction'].numpy())
-    return np.concatenate(out) if out else np.zeros([0], np.float32)
-
   if model_config['task'] == 'rating':
-    return _rating_metrics(score(test.users, test.items), test.ratings)
-  if negatives is None:
+    preds = predict_export(version_dir, model_config, user_index, item_index, train, test, batch_size)
+    return _rating_metrics(preds, test.ratings)
+  if negatives is None or model_config['user_embedding'] == 'local':
     return {}
+  predict = serving.load_signature(version_dir, serving.SERVING_DEFAULT)
+  score = lambda u, i: _score_pairs(predict, user_index.raw_ids, item_index.raw_ids, u, i, batch_size)
   result = metrics_lib.hit_rate_and_ndcg_sampled(score, test.users, test.items, negatives, top_k)
   return {f'hr@{top_k}': result['hit_rate'], f'ndcg@{top_k}': result['ndcg']}
 

@@ -53,6 +53,8 @@ _PRUNE_SCHEDULE = flags.DEFINE_enum('prune_schedule', 'polynomial', list(pruning
 _PRUNE_BIASES = flags.DEFINE_bool('prune_biases', False, 'Also prune 1-wide (bias) tables.')
 _FINETUNE_EPOCHS = flags.DEFINE_integer('finetune_epochs', 1,
                                         'Central fine-tuning epochs (pruning and QAT).')
+_FINETUNE_L2 = flags.DEFINE_float('finetune_l2', None,
+                                  'Row L2 of the tables while fine-tuning a pruned model (default: the model\'s).')
 _FINETUNE_LR = flags.DEFINE_float('finetune_learning_rate', 1e-3, 'Adam learning rate of fine-tuning.')
 _BATCH_SIZE = flags.DEFINE_integer('finetune_batch_size', 256, 'Fine-tuning batch size.')
 _QUANTIZE = flags.DEFINE_enum('quantize', 'none', list(QUANTIZE),
@@ -83,6 +85,7 @@ class PipelineConfig:
   prune_biases: bool = False
   finetune_epochs: int = 1
   finetune_learning_rate: float = 1e-3
+  finetune_l2: Optional[float] = None
   batch_size: int = 256
   quantize: str = 'none'
   tflite: str = 'none'
@@ -116,7 +119,8 @@ class PipelineConfig:
     return pruning.PruningConfig(
         target_sparsity=self.prune_sparsity, schedule=self.prune_schedule,
         finetune_epochs=self.finetune_epochs, batch_size=self.batch_size,
-        learning_rate=self.finetune_learning_rate, prune_biases=self.prune_biases)
+        learning_rate=self.finetune_learning_rate, prune_biases=self.prune_biases,
+        finetune_l2=self.finetune_l2)
 
   @property
   def artifacts_dir(self) -> str:
@@ -136,7 +140,8 @@ _FLAG_OF = {'quantize': 'quantize', 'tflite': 'tflite', 'prune_sparsity': 'prune
             'target_sparsity': 'prune_sparsity', 'the polynomial': 'prune_schedule',
             'latency_requests': 'latency_requests', 'recon_l2': 'recon_l2',
             'unknown_user': 'unknown_user', 'unknown_item': 'unknown_item',
-            'warmup_k': 'warmup_k', 'batch_size': 'finetune_batch_size'}
+            'warmup_k': 'warmup_k', 'batch_size': 'finetune_batch_size',
+            'finetune_l2': 'finetune_l2'}
 
 
 def _flag_for(message: str) -> str:
@@ -167,7 +172,8 @@ def config_from_flags() -> PipelineConfig:
         version=_VERSION.value, overwrite=_OVERWRITE.value, data_dir=_DATA_DIR.value,
         prune_sparsity=_PRUNE_SPARSITY.value, prune_schedule=_PRUNE_SCHEDULE.value,
         prune_biases=_PRUNE_BIASES.value, finetune_epochs=_FINETUNE_EPOCHS.value,
-        finetune_learning_rate=_FINETUNE_LR.value, batch_size=_BATCH_SIZE.value,
+        finetune_learning_rate=_FINETUNE_LR.value, finetune_l2=_FINETUNE_L2.value,
+        batch_size=_BATCH_SIZE.value,
         quantize=_QUANTIZE.value, tflite=_TFLITE.value, export=options, report=_REPORT.value,
         latency_requests=_LATENCY_REQUESTS.value)
   except ValueError as e:

@@ -19,6 +19,7 @@ from absl import logging
 
 from experiments import common_flags
 from experiments import dp_flags
+from compression import comm
 from tff_rec.data import errors
 from tff_rec.training import algorithms
 from tff_rec.training import data_setup
@@ -35,6 +36,11 @@ common_flags.define_optimizer_flags('client', 'sgd', 0.1)
 common_flags.define_optimizer_flags('server', 'sgd', 1.0)
 common_flags.define_optimizer_flags('reconstruction', 'sgd', 0.1)
 dp_flags.define_dp_flags()
+flags.DEFINE_enum('compression', 'none', list(comm.MODES),
+                  'Client->server update compression: 8-bit quantization (quantize8) or Hadamard '
+                  'rotation plus quantization (hadamard8) of tensors above --compression_threshold.')
+flags.DEFINE_integer('compression_threshold', comm.DEFAULT_THRESHOLD,
+                     'Quantize only tensors with more elements than this.')
 
 flags.DEFINE_enum('algorithm', 'fedavg', list(algorithms.ALGORITHMS), 'Federated algorithm.')
 flags.DEFINE_enum('weighting', 'num_examples', list(algorithms.WEIGHTINGS),
@@ -115,24 +121,50 @@ def config_from_flags() -> experiment.FederatedConfig:
   )
 
 
+def prepare_run(config: experiment.FederatedConfig, split, dp_config, compression: str,
+                compression_threshold: int) -> tuple[experiment.FederatedConfig, dict]:
+  """DP, compression and byte counting for a run; UsageError if refused.
+
+  Returns the (possibly adjusted) config and the keyword arguments for
+  `experiment.run_federated`.
+  """
+  common_flags.check_population(config.clients_per_round, split)
+  config, dp = dp_flags.prepare_dp_for_run(dp_config, config, split)
+  if dp.needs_secure_context:
+    config = dataclasses.replace(config, secure_intrinsics=True)
+  weighted = not config.algorithm.uniform
+  try:
+    aggregator = comm.build_compression_aggregator(
+        compression, weighted=weighted, dp_factory=dp.aggregator, threshold=compression_threshold)
+  except ValueError as e:
+    raise app.UsageError(f'--compression={compression}: {e}') from e
+  spec = experiment.model_spec(config, split)
+  user_embedding = algorithms.default_user_embedding(config.algorithm.name, split.heldout_users)
+  stats = comm.aggregator_comm_stats(aggregator, spec, user_embedding, weighted=weighted,
+                                     row_sparse_mean=config.algorithm.row_sparse_mean)
+  extra = comm.combine_metrics_fns(dp.extra_metrics_fn,
+                                   comm.comm_metrics_fn(stats, config.clients_per_round))
+  return config, dict(
+      split=split, model_aggregator=aggregator, extra_metrics_fn=extra,
+      total_rounds=dp.total_rounds,
+      hparams_extra={'dp': dp.report(), 'compression': {'mode': compression,
+                                                        'threshold': compression_threshold}})
+
+
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   common_flags.quiet_logging()
   config = config_from_flags()
   dp_config = dp_flags.dp_config_from_flags()
+  if FLAGS.compression_threshold < 0:
+    raise app.UsageError(f'--compression_threshold must be >= 0, got {FLAGS.compression_threshold}')
   try:
     split = data_setup.load_split(config.data)
   except (errors.DataError, ValueError) as e:
     raise app.UsageError(f'--dataset/--data_dir: {e}') from e
-  common_flags.check_population(config.clients_per_round, split)
-  config, dp = dp_flags.prepare_dp_for_run(dp_config, config, split)
-  if dp.needs_secure_context:
-    config = dataclasses.replace(config, secure_intrinsics=True)
-  result = experiment.run_federated(
-      config, split=split, model_aggregator=dp.aggregator,
-      extra_metrics_fn=dp.extra_metrics_fn, total_rounds=dp.total_rounds,
-      hparams_extra={'dp': dp.report()})
+  config, kwargs = prepare_run(config, split, dp_config, FLAGS.compression, FLAGS.compression_threshold)
+  result = experiment.run_federated(config, **kwargs)
   logging.info('Test metrics: %s', result.test_metrics)
   print(experiment.summary_line(result))
 

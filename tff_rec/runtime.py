@@ -41,8 +41,9 @@ _GRPC_OPTIONS = [
 _PR_SET_PDEATHSIG = 1
 _STARTUP_TIMEOUT_SEC = 60.0
 # A worker that does not answer (re)connection attempts for this long during
-# a call is reported dead (TFF itself would retry forever).
-WORKER_TIMEOUT_SEC = 15.0
+# a call is reported dead (TFF itself would retry forever). The environment
+# variable TFF_REC_WORKER_TIMEOUT_SEC overrides it.
+WORKER_TIMEOUT_SEC = float(os.environ.get('TFF_REC_WORKER_TIMEOUT_SEC', '15'))
 
 _lock = threading.Lock()
 _live_workers: list['LocalWorker'] = []
@@ -186,12 +187,14 @@ def _executor_factory(
     address: str,
     worker: Optional[LocalWorker],
     default_num_clients: int,
-    worker_timeout_sec: float = WORKER_TIMEOUT_SEC,
+    worker_timeout_sec: Optional[float] = None,
 ):
   """A TFF executor factory sending everything to the worker at `address`."""
   import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
   from tensorflow_federated.python.core.impl.types import placements  # pylint: disable=g-import-not-at-top
 
+  if worker_timeout_sec is None:
+    worker_timeout_sec = WORKER_TIMEOUT_SEC
   channel = grpc.insecure_channel(address, _GRPC_OPTIONS)
   stub = tff.framework.RemoteExecutorGrpcStub(channel)
   _wait_ready(stub, address, worker)
@@ -360,7 +363,8 @@ def _splitting_context_class():
           comp = self._compiler_pipeline.compile(comp)
         except (ValueError, TypeError) as e:
           self._unsplittable.add(id(comp))
-          logging.info('Running a computation TFF cannot split into subrounds on one worker: %s', e)
+          logging.warning('A computation TFF cannot split into subrounds runs whole on the first '
+                          'worker: %s', e)
           return self._fallback.invoke(comp, arg)
       subrounds = len(self._async_execution_contexts)
       if arg is not None and self._max_clients:
@@ -432,7 +436,7 @@ def set_remote_context(
     secure_intrinsics: bool = False,
     default_num_clients: int = 0,
     clients_per_subround: Optional[int] = None,
-    worker_timeout_sec: float = WORKER_TIMEOUT_SEC,
+    worker_timeout_sec: Optional[float] = None,
 ) -> None:
   """Installs TFF's mergeable-computation context over remote workers.
 
@@ -440,7 +444,8 @@ def set_remote_context(
   (`host:port` of running `worker_binary` processes, e.g. started with
   `experiments/start_worker.py`), in subrounds of at most
   `clients_per_subround` clients if given. A worker that is unreachable for
-  `worker_timeout_sec` fails the call with a `WorkerError` naming it.
+  `worker_timeout_sec` (default `WORKER_TIMEOUT_SEC`) fails the call with a
+  `WorkerError` naming it.
   """
   import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
 

@@ -10,7 +10,8 @@ from tff_rec.export import serving
 from tff_rec.training import artifacts
 from tff_rec.training import data_setup
 
-# Full-integer TFLite also quantizes activations (the score range in 8 bits).
+# Full-integer TFLite also quantizes activations (the score range in 8 bits):
+# measured 0.034 on the synthetic MF run; dynamic range measured 0.
 INT8_TOLERANCE = 0.1
 
 

@@ -1,6 +1,7 @@
 """The federated view: one client per user, OrderedDict elements, built from ids."""
 
 import collections
+import os
 
 import numpy as np
 import pytest
@@ -120,3 +121,37 @@ def test_user_who_rated_everything_gets_no_negatives(ratings):
   cfg = federated.ClientDatasetConfig(batch_size=1000, negatives_per_positive=2)
   rows = _rows(federated.make_dataset_fn(ratings, cfg)(tf.constant(str(int(full[0])))))
   assert len(rows) == ratings.num_items and all(r[2] == 1.0 for r in rows)
+
+
+@pytest.mark.parametrize('cfg', [
+    federated.ClientDatasetConfig(batch_size=3, seed=4),
+    federated.ClientDatasetConfig(batch_size=5, num_epochs=2, max_examples_per_user=4,
+                                  negatives_per_positive=2),
+])
+def test_per_user_files_give_the_same_datasets(ratings, cfg, tmp_path):
+  in_graph = federated.make_dataset_fn(ratings, cfg)
+  from_files = federated.make_dataset_fn(ratings, cfg, storage_dir=str(tmp_path))
+  for u in ratings.present_users():
+    for cid in (federated.client_id(u), federated.client_id(u, 3)):
+      a = list(in_graph(tf.constant(cid)))
+      b = list(from_files(tf.constant(cid)))
+      assert len(a) == len(b)
+      for x, y in zip(a, b):
+        tf.nest.map_structure(lambda s, t: np.testing.assert_array_equal(s.numpy(), t.numpy()), x, y)
+
+
+def test_user_shards_are_written_once_per_content(ratings, tmp_path):
+  first = federated.write_user_shards(ratings.sorted_by_user(), str(tmp_path))
+  assert federated.write_user_shards(ratings.sorted_by_user(), str(tmp_path)) == first
+  assert len(os.listdir(first)) == ratings.num_users
+  other = federated.write_user_shards(ratings.select(ratings.users != 0).sorted_by_user(), str(tmp_path))
+  assert other != first
+  assert sorted(os.listdir(tmp_path)) == sorted([os.path.basename(first), os.path.basename(other)])
+
+
+def test_client_data_from_files_builds_datasets_worker_side(ratings, tff_context, tmp_path):
+  del tff_context
+  cd = federated.client_data(ratings, federated.ClientDatasetConfig(batch_size=4),
+                             storage_dir=str(tmp_path))
+  ds = cd.dataset_computation(cd.client_ids[0])
+  assert len(_rows(ds)) == int(np.sum(ratings.users == int(cd.client_ids[0])))

@@ -17,10 +17,10 @@ from tff_rec.training import central
 from tff_rec.training import data_setup
 from tff_rec.training import experiment
 
-# Max |int8 export - float model| on the rating scale, measured on the
-# synthetic MF run (~0.004 there); per-row int8 error is at most scale / 2
-# per weight.
-INT8_TOLERANCE = 0.02
+# Max |int8 export - float model| on the rating scale: measured 0.016 on this
+# synthetic MF run and 0.027 on ML-1M MF (benchmarks/compression_benchmark.py);
+# each stored weight is within scale / 2 = max|row| / 254 of its float value.
+INT8_TOLERANCE = 0.03
 FLOAT_TOLERANCE = 1e-5
 
 

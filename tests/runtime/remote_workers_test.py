@@ -17,13 +17,15 @@ from tests import shared_data
 from tff_rec.training import artifacts
 
 _RUN = ['--dataset=synthetic', '--split=random', '--model=mf', '--embedding_dim=4',
-        '--algorithm=fedavg', '--clients_per_round=40', '--total_rounds=4', '--checkpoint_every=1',
-        '--eval_every=2', '--client_learning_rate=0.2', '--progress_bar=false', '--seed=3']
+        '--algorithm=fedavg', '--clients_per_round=40', '--total_rounds=3', '--checkpoint_every=1',
+        '--eval_every=4', '--client_learning_rate=0.2', '--progress_bar=false', '--seed=3']
 _TIMEOUT = 300
 
 
 def _env():
-  return dict(os.environ, PYTHONPATH=shared_data.REPO_ROOT, TF_CPP_MIN_LOG_LEVEL='3')
+  # A dead worker is reported after 3s instead of the default 15s.
+  return dict(os.environ, PYTHONPATH=shared_data.REPO_ROOT, TF_CPP_MIN_LOG_LEVEL='3',
+              TFF_REC_WORKER_TIMEOUT_SEC='3')
 
 
 class _Worker:
@@ -134,9 +136,10 @@ def test_two_workers_match_one_process(scenario):
     assert metrics
     for round_num, row in metrics.items():
       for key, value in row.items():
-        if value and key in reference[round_num] and reference[round_num][key]:
-          np.testing.assert_allclose(float(value), float(reference[round_num][key]), rtol=1e-4,
-                                     atol=1e-6, err_msg=f'round {round_num} {key}')
+        if 'time' in key or not value or not reference[round_num].get(key):
+          continue  # Wall-clock timings differ; empty cells are rounds without eval.
+        np.testing.assert_allclose(float(value), float(reference[round_num][key]), rtol=1e-4,
+                                   atol=1e-6, err_msg=f'round {round_num} {key}')
   for a, b in zip(_final_weights(one), _final_weights(two)):
     np.testing.assert_allclose(a, b, atol=1e-5)
   assert artifacts.read_json(os.path.join(one, 'test_metrics.json')).keys() == \

@@ -8,8 +8,9 @@ Layout (what TF Serving's `--model_config_file` expects):
                                          assets.extra/tf_serving_warmup_requests
 
 The SavedModel is a plain `tf.Module` (no Keras metadata); raw ids are
-strings mapped to dense indices by `tf.lookup.StaticHashTable`s built from the
-run's id maps. Signatures:
+strings mapped to dense indices (and back) by `tf.lookup.StaticHashTable`s
+initialized from the run's id maps, stored once as `assets/user_ids.txt` and
+`assets/item_ids.txt`. Signatures:
 
 * models with a server-side user table (`user_embedding` 'table'; 'shared'
   models have one user row for everybody):
@@ -173,20 +174,22 @@ def _tables(keras_model: tf.keras.Model, side: str) -> list[tf.keras.layers.Laye
 
 def with_cold_start_rows(keras_model: tf.keras.Model, model_config: Mapping, *,
                          users: bool, items: bool) -> tf.keras.Model:
-  """A copy of a float model with one extra row per user / item table.
+  """A float copy of a run's model for serving, with one extra row per user / item table.
 
   The extra row is the fallback of unknown ids: zeros for MF, the mean row
-  otherwise. Personal models keep their single user row.
+  otherwise. Personal models keep their single user row. The copy is built
+  with `l2=0` (the training-only row penalty is an identity in the forward
+  pass; without it the graph carries no custom-gradient functions).
   """
-  variant = model_config['user_embedding']
-  personal = variant != 'table'
+  personal = model_config['user_embedding'] != 'table'
   users = users and not personal
-  if not users and not items:
-    return keras_model
   num_users = model_config['num_users'] + (1 if users else 0)
   num_items = model_config['num_items'] + (1 if items else 0)
+  hparams = dict(model_config['hparams'])
+  if 'l2' in registry.hparam_names(model_config['model']):
+    hparams['l2'] = 0.0
   rec = registry.build_model(model_config['model'], num_users, num_items, personal=personal,
-                             seed=model_config.get('seed', 0), **model_config['hparams'])
+                             seed=model_config.get('seed', 0), **hparams)
   zero = model_config['model'] == 'mf'
   grow = set()
   if users:
@@ -231,10 +234,35 @@ def _lookup(table, ids, policy: str, fallback: int, what: str):
   return tf.cast(idx, tf.int32), known
 
 
-def _id_table(raw_ids: Sequence[str]) -> tf.lookup.StaticHashTable:
-  keys = tf.constant([str(r) for r in raw_ids], tf.string)
-  values = tf.range(len(raw_ids), dtype=tf.int64)
-  return tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(keys, values), -1)
+class _IdMap(tf.Module):
+  """Raw id <-> dense index tables read from a one-id-per-line asset file.
+
+  The file is saved under the SavedModel's `assets/` (TF tracks the
+  `TextFileInitializer` filename as an asset), so the ids are stored once as
+  text instead of as string and int64 constants in the graph.
+  """
+
+  def __init__(self, raw_ids: Sequence[str], path: str):
+    super().__init__()
+    with open(path, 'w', encoding='utf-8') as f:
+      for r in raw_ids:
+        r = str(r)
+        if not r or '\n' in r or '\r' in r:
+          raise ExportError(f'raw id {r!r} cannot be stored one per line')
+        f.write(r + '\n')
+    line = tf.lookup.TextFileIndex
+    self.to_index = tf.lookup.StaticHashTable(
+        tf.lookup.TextFileInitializer(path, tf.string, line.WHOLE_LINE, tf.int64, line.LINE_NUMBER), -1)
+    self.to_id = tf.lookup.StaticHashTable(
+        tf.lookup.TextFileInitializer(path, tf.int64, line.LINE_NUMBER, tf.string, line.WHOLE_LINE), '')
+    self.size = len(raw_ids)
+
+
+class _Functions:
+  """Holds the signature functions out of TF's object tracking (saved once, as signatures)."""
+
+  def __init__(self, **functions):
+    self.__dict__.update(functions)
 
 
 def _named(variables) -> dict:
@@ -252,14 +280,12 @@ class _TableServing(tf.Module):
   """Signatures of models whose user rows live on the server."""
 
   def __init__(self, model: tf.keras.Model, model_config: Mapping, user_ids, item_ids,
-               options: ExportOptions, seen: Optional[ratings_lib.Ratings]):
+               options: ExportOptions, seen: Optional[ratings_lib.Ratings], id_dir: str):
     super().__init__(name='recommender')
     self.model_variables = _named(model.variables)
     score = lambda users, items: model({'user': users, 'item': items}, training=False)
-    self.user_table = _id_table(user_ids)
-    self.item_table = _id_table(item_ids)
-    self.item_vocab = tf.Variable([str(i) for i in item_ids], dtype=tf.string, trainable=False,
-                                  name='item_vocab')
+    self.users = _IdMap(user_ids, os.path.join(id_dir, 'user_ids.txt'))
+    self.items = _IdMap(item_ids, os.path.join(id_dir, 'item_ids.txt'))
     num_users, num_items = len(user_ids), len(item_ids)
     personal = model_config['user_embedding'] != 'table'
     user_fallback = 0 if personal else num_users
@@ -274,14 +300,14 @@ class _TableServing(tf.Module):
                                     name='seen_items')
 
     def lookup_users(user_id):
-      return _lookup(self.user_table, user_id, options.unknown_user, user_fallback, 'user_id')
+      return _lookup(self.users.to_index, user_id, options.unknown_user, user_fallback, 'user_id')
 
     def predict(user_id, item_id):
       shape_check = tf.debugging.assert_equal(
           tf.shape(user_id), tf.shape(item_id), message='user_id and item_id must have the same length')
       with tf.control_dependencies([shape_check]):
         users, known_users = lookup_users(user_id)
-      items, known_items = _lookup(self.item_table, item_id, options.unknown_item, num_items, 'item_id')
+      items, known_items = _lookup(self.items.to_index, item_id, options.unknown_item, num_items, 'item_id')
       s = score(users, items)
       out = {'prediction': tf.clip_by_value(s, low, high) if rating else s,
              'cold_start': tf.logical_not(tf.logical_and(known_users, known_items))}
@@ -304,24 +330,26 @@ class _TableServing(tf.Module):
             scores, tf.stack([rows, seen_items], axis=1),
             tf.fill(tf.shape(seen_items), tf.constant(-np.inf, scores.dtype)))
       top = tf.math.top_k(scores, _positive_k(k, num_items))
-      return {'item_ids': tf.gather(self.item_vocab, top.indices), 'scores': top.values,
-              'cold_start': tf.logical_not(known)}
+      return {'item_ids': self.items.to_id.lookup(tf.cast(top.indices, tf.int64)),
+              'scores': top.values, 'cold_start': tf.logical_not(known)}
 
-    self.predict = tf.function(predict, input_signature=[
-        tf.TensorSpec([None], tf.string, name='user_id'), tf.TensorSpec([None], tf.string, name='item_id')])
-    self.recommend = tf.function(recommend, input_signature=[
-        tf.TensorSpec([None], tf.string, name='user_id'), tf.TensorSpec([], tf.int32, name='k')])
+    self.functions = _Functions(
+        predict=tf.function(predict, input_signature=[
+            tf.TensorSpec([None], tf.string, name='user_id'),
+            tf.TensorSpec([None], tf.string, name='item_id')]),
+        recommend=tf.function(recommend, input_signature=[
+            tf.TensorSpec([None], tf.string, name='user_id'), tf.TensorSpec([], tf.int32, name='k')]))
 
   def signatures(self) -> dict:
-    return {SERVING_DEFAULT: self.predict.get_concrete_function(),
-            RECOMMEND: self.recommend.get_concrete_function()}
+    return {SERVING_DEFAULT: self.functions.predict.get_concrete_function(),
+            RECOMMEND: self.functions.recommend.get_concrete_function()}
 
 
 class _ReconServing(tf.Module):
   """FedRecon MF: the user row is rebuilt from the request's history."""
 
   def __init__(self, model: tf.keras.Model, model_config: Mapping, item_ids,
-               options: ExportOptions):
+               options: ExportOptions, id_dir: str):
     super().__init__(name='recommender')
     names = {layer.name for layer in model.layers}
     item_layer = model.get_layer('item_embedding')
@@ -329,9 +357,7 @@ class _ReconServing(tf.Module):
     mean_layer = model.get_layer('global_bias') if 'global_bias' in names else None
     used = [item_layer] + [x for x in (bias_layer, mean_layer) if x is not None]
     self.model_variables = _named([v for layer in used for v in layer.variables])
-    self.item_table = _id_table(item_ids)
-    self.item_vocab = tf.Variable([str(i) for i in item_ids], dtype=tf.string, trainable=False,
-                                  name='item_vocab')
+    self.items = _IdMap(item_ids, os.path.join(id_dir, 'item_ids.txt'))
     num_items = len(item_ids)
     has_bias = bias_layer is not None
     l2 = options.recon_l2 or float(model_config['hparams'].get('l2') or 0.0) or DEFAULT_RECON_L2
@@ -349,7 +375,7 @@ class _ReconServing(tf.Module):
           tf.shape(history_item_id), tf.shape(history_rating),
           message='history_item_id and history_rating must have the same length')
       with tf.control_dependencies([check]):
-        idx, known = _lookup(self.item_table, history_item_id, options.unknown_item, 0,
+        idx, known = _lookup(self.items.to_index, history_item_id, options.unknown_item, 0,
                              'history item_id')
       q, b, mu = weights()
       x = tf.gather(q, idx)
@@ -369,7 +395,7 @@ class _ReconServing(tf.Module):
 
     def predict(history_item_id, history_rating, item_id):
       p, bu, _, _ = reconstruct(history_item_id, history_rating)
-      items, known = _lookup(self.item_table, item_id, options.unknown_item, num_items, 'item_id')
+      items, known = _lookup(self.items.to_index, item_id, options.unknown_item, num_items, 'item_id')
       q, b, mu = weights()
       s = tf.linalg.matvec(tf.gather(q, items), p) + tf.gather(b, items) + mu + bu
       return {'prediction': tf.clip_by_value(s, low, high), 'cold_start': tf.logical_not(known)}
@@ -383,18 +409,20 @@ class _ReconServing(tf.Module):
         scores = tf.tensor_scatter_nd_update(
             scores, seen[:, None], tf.fill(tf.shape(seen), tf.constant(-np.inf, scores.dtype)))
       top = tf.math.top_k(scores, _positive_k(k, num_items))
-      return {'item_ids': tf.gather(self.item_vocab, top.indices), 'scores': top.values}
+      return {'item_ids': self.items.to_id.lookup(tf.cast(top.indices, tf.int64)),
+              'scores': top.values}
 
     history = [tf.TensorSpec([None], tf.string, name='history_item_id'),
                tf.TensorSpec([None], tf.float32, name='history_rating')]
-    self.predict = tf.function(predict, input_signature=history + [
-        tf.TensorSpec([None], tf.string, name='item_id')])
-    self.recommend_from_history = tf.function(recommend_from_history, input_signature=history + [
-        tf.TensorSpec([], tf.int32, name='k')])
+    self.functions = _Functions(
+        predict=tf.function(predict, input_signature=history + [
+            tf.TensorSpec([None], tf.string, name='item_id')]),
+        recommend_from_history=tf.function(recommend_from_history, input_signature=history + [
+            tf.TensorSpec([], tf.int32, name='k')]))
 
   def signatures(self) -> dict:
-    return {SERVING_DEFAULT: self.predict.get_concrete_function(),
-            RECOMMEND_FROM_HISTORY: self.recommend_from_history.get_concrete_function()}
+    return {SERVING_DEFAULT: self.functions.predict.get_concrete_function(),
+            RECOMMEND_FROM_HISTORY: self.functions.recommend_from_history.get_concrete_function()}
 
 
 # ---------------------------------------------------------------------------
@@ -527,12 +555,19 @@ def export(
     raise ExportError('exclude_seen needs the training ratings (seen=...)')
   user_ids, item_ids = user_index.raw_ids.tolist(), item_index.raw_ids.tolist()
   model = build_serving_model(keras_model, model_config, options, storage_fn)
-  if variant == 'local':
-    module = _ReconServing(model, model_config, item_ids, options)
-  else:
-    module = _TableServing(model, model_config, user_ids, item_ids, options, seen)
-  signatures = module.signatures()
+  with tempfile.TemporaryDirectory(prefix='tff_rec_ids_') as id_dir:
+    if variant == 'local':
+      module = _ReconServing(model, model_config, item_ids, options, id_dir)
+    else:
+      module = _TableServing(model, model_config, user_ids, item_ids, options, seen, id_dir)
+    return _save(module, model_config, user_ids, item_ids, export_base, model_name, version,
+                 final, options, overwrite)
 
+
+def _save(module, model_config, user_ids, item_ids, export_base, model_name, version, final,
+          options, overwrite) -> ExportResult:
+  """Saves into a temporary sibling of `final`, adds warmup requests, renames into place."""
+  signatures = module.signatures()
   model_dir = os.path.join(export_base, model_name)
   created = [d for d in (export_base, model_dir) if not os.path.isdir(d)]
   os.makedirs(model_dir, exist_ok=True)

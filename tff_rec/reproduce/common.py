@@ -51,6 +51,21 @@ def movielens(ctx: harness.CellContext, name: str) -> tuple[ratings_lib.Ratings,
   return ctx.cached(('movielens', name, path), lambda: sources.load_movielens(name, data_dir=path))
 
 
+def data_sources(cache: Mapping) -> list[dict]:
+  """Where the data sets loaded by a table run came from (for the manifest)."""
+  out = []
+  for key, value in cache.items():
+    if key[0] == 'movielens':
+      info = value[1]
+      out.append({'dataset': key[1], 'origin': info.origin, 'path': info.path,
+                  'checksum': info.checksum, 'checksum_verified': info.checksum_verified,
+                  'num_ratings': int(value[0].num_ratings)})
+    elif key[0] == 'ncf' and len(key) == 2:
+      out.append({'dataset': NCF_ML1M, 'path': key[1], 'train_ratings': int(value.train.num_ratings),
+                  'test_ratings': int(value.test.num_ratings)})
+  return out
+
+
 def ncf_split(ctx: harness.CellContext, max_users: Optional[int] = None) -> splits_lib.Split:
   """The NCF paper's leave-one-out split of ML-1M (optionally its first users)."""
   path = data_location(ctx.options, NCF_ML1M)

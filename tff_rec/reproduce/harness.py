@@ -284,13 +284,17 @@ def select_cells(cells: Sequence[Cell], rows: Sequence[str]) -> list[Cell]:
 
 
 def run_cells(cells: Sequence[Cell], options: RunOptions,
-              on_result: Optional[Callable[[CellResult], None]] = None) -> list[CellResult]:
-  """Runs (or reuses) every cell in order; never raises for a failing cell."""
+              on_result: Optional[Callable[[CellResult], None]] = None,
+              cache: Optional[dict] = None) -> list[CellResult]:
+  """Runs (or reuses) every cell in order; never raises for a failing cell.
+
+  `cache` is shared by the cells (loaded data, splits); a fresh one by default.
+  """
   names = [c.name for c in cells]
   dupes = sorted({n for n in names if names.count(n) > 1})
   if dupes:
     raise ValueError(f'duplicate cell names: {dupes}')
-  cache: dict = {}
+  cache = {} if cache is None else cache
   results = []
   for k, cell in enumerate(cells):
     prefix = f'[{k + 1}/{len(cells)}] {cell.name}'
@@ -341,6 +345,8 @@ def _is_number(v: Any) -> bool:
 def summarize(values: Sequence[float]) -> Stat:
   """Mean, sample standard deviation (None for fewer than 2) and count."""
   n = len(values)
+  if not all(math.isfinite(v) for v in values):
+    return Stat(sum(values) / n, None, n)  # inf (e.g. epsilon without noise) or nan.
   mean = math.fsum(values) / n
   std = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
   return Stat(mean, std, n)
@@ -432,6 +438,7 @@ class TableRun:
   started_at: str
   finished_at: str
   wall_seconds: float
+  cache: dict = dataclasses.field(default_factory=dict, repr=False)  # what the cells loaded
 
   @property
   def ok(self) -> bool:
@@ -445,8 +452,10 @@ def run_table(table: TableSpec, options: RunOptions,
   cells = select_cells(table.build_cells(options), options.rows)
   if not cells:
     raise ValueError(f'{table.name}: no cells match rows {list(options.rows)}')
-  results = run_cells(cells, options, on_result)
+  cache: dict = {}
+  results = run_cells(cells, options, on_result, cache)
   rows = aggregate(table, results)
   problems = [f'cell {r.cell.name} failed: {r.error}' for r in results if r.status == FAILED]
   problems += trivial_check(table, rows, options.quick)
-  return TableRun(cells, results, rows, problems, started_at, _now(), time.time() - started)
+  return TableRun(cells, results, rows, problems, started_at, _now(), time.time() - started,
+                  cache)

@@ -320,7 +320,8 @@ def _scatter(ax, rows: Sequence[harness.RowResult], x: str, y: str, logx: bool) 
 
 
 def write_outputs(table: harness.TableSpec, run: harness.TableRun, options: harness.RunOptions,
-                  command: str, flags: Mapping[str, Any]) -> dict[str, str]:
+                  command: str, flags: Mapping[str, Any],
+                  data: Sequence[Mapping[str, Any]] = ()) -> dict[str, str]:
   """Writes table.csv, table.md, table.png and manifest.json; returns their paths."""
   out = options.output_dir
   beats = harness.beats_trivial(table, run.rows)
@@ -357,6 +358,7 @@ def write_outputs(table: harness.TableSpec, run: harness.TableRun, options: harn
           'rows': list(options.rows),
       },
       'repeat_label': table.repeat_label,
+      'data': list(data),
       'machine': summary['machine'],
       'versions': summary['versions'],
       'python_packages': _python_packages(),

@@ -1,0 +1,78 @@
+"""`benchmarks.run_all --smoke` still runs and writes valid JSON and Markdown.
+
+Numbers are not checked (speed is measured, never asserted).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import run_all
+from tests import shared_data
+
+_MINE = ('federated_speed', 'accountant_speed')
+
+
+@pytest.fixture(scope='module')
+def smoke_dir(tmp_path_factory):
+  out = tmp_path_factory.mktemp('bench')
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
+  proc = subprocess.run(
+      [sys.executable, '-m', 'benchmarks.run_all', '--smoke', f'--only={",".join(_MINE)}',
+       f'--out_dir={out}'],
+      cwd=shared_data.REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  return str(out)
+
+
+def _load(path):
+  with open(path) as f:
+    return json.load(f)
+
+
+@pytest.mark.parametrize('name', _MINE)
+def test_each_benchmark_writes_json_and_markdown(smoke_dir, name):
+  result = _load(os.path.join(smoke_dir, f'{name}.json'))
+  assert result['schema'] == 'tff-rec-benchmark/1' and result['benchmark'] == name
+  machine = result['machine']
+  assert machine['logical_cores'] >= 1 and machine['ram_total_gib'] > 0 and machine['cpu_model']
+  assert result['versions']['tensorflow-federated']
+  assert result['parameters']['smoke'] is True
+  assert result['results']
+  with open(os.path.join(smoke_dir, f'{name}.md')) as f:
+    assert f.read().startswith('# ')
+
+
+def test_federated_speed_reports_rounds_central_epochs_and_memory(smoke_dir):
+  results = _load(os.path.join(smoke_dir, 'federated_speed.json'))['results']
+  rows = [row for scenario in results.values() for row in scenario['rows']]
+  assert {r['variant'] for r in rows} >= {'before', 'after'}
+  for row in rows:
+    assert row['round_seconds'] > 0 and row['central_epoch_seconds'] > 0
+    assert row['optimizer_steps'] > 0 and row['clients_per_second'] > 0
+    assert row['peak_rss_worker_gib'] > 0 and row['peak_rss_python_gib'] > 0
+  fits = results['smoke_scaling']['fits']
+  assert fits and fits[0]['b_ms_per_client'] is not None
+
+
+def test_accountant_speed_covers_rdp_and_pld(smoke_dir):
+  rows = _load(os.path.join(smoke_dir, 'accountant_speed.json'))['results']['rows']
+  assert {(r['what'].split('.')[0], r['accountant']) for r in rows} == {
+      ('compute_epsilon', 'rdp'), ('compute_epsilon', 'pld'),
+      ('EpsilonTracker', 'rdp'), ('EpsilonTracker', 'pld')}
+  assert all(r['epsilon'] > 0 for r in rows)
+
+
+def test_index_lists_every_benchmark_run(smoke_dir):
+  index = _load(os.path.join(smoke_dir, 'run_all.json'))['results']
+  assert set(index) == set(_MINE) and all(r['status'] == 'ok' for r in index.values())
+
+
+def test_missing_benchmarks_are_skipped_not_failed(tmp_path):
+  assert not run_all.available('no_such_benchmark')
+  index = run_all.run_all(str(tmp_path), ['no_such_benchmark'], smoke=True, data_dir=None,
+                          in_process=True)
+  assert index['no_such_benchmark']['status'] == 'skipped'

@@ -1,0 +1,140 @@
+"""harness: resumable cells, failures, aggregation and the trivial-baseline check."""
+
+import json
+import os
+
+import pytest
+
+from tff_rec.reproduce import harness
+
+
+def _table(build, rows=None):
+  rows = rows or [harness.RowSpec('trivial', kind=harness.TRIVIAL), harness.RowSpec('model'),
+                  harness.RowSpec('paper', kind=harness.PUBLISHED, published={'rmse': 0.9})]
+  return harness.TableSpec(name='t', title='T', description='d',
+                           columns=[harness.Column('rmse', 'RMSE', lower_is_better=True)],
+                           rows=rows, build_cells=build, check_metric='rmse')
+
+
+def _cells(calls, values=None, fail=(), skip=()):
+  values = values or {0: 1.0, 1: 1.2}
+
+  def run(row, seed, ctx):
+    calls.append((row, seed))
+    if (row, seed) in fail:
+      raise RuntimeError('boom')
+    if (row, seed) in skip:
+      raise harness.CellSkipped('skipped: module missing')
+    value = 2.0 if row == 'trivial' else values[seed]
+    return {row: {'rmse': value, 'note': 'x'}}
+
+  def build(options):
+    out = []
+    for seed in options.seeds:
+      for row in ('trivial', 'model'):
+        out.append(harness.Cell(f'{row}-s{seed}', (row,), '', seed,
+                                {'row': row, 'seed': seed, 'total_rounds': 3},
+                                lambda ctx, r=row, s=seed: run(r, s, ctx)))
+    return out
+
+  return build
+
+
+def test_finished_cells_are_saved_and_not_rerun(tmp_path):
+  calls = []
+  options = harness.RunOptions(output_dir=str(tmp_path), seeds=(0, 1))
+  table = _table(_cells(calls))
+  first = harness.run_table(table, options)
+  assert first.ok and len(calls) == 4
+  files = sorted(os.listdir(tmp_path / 'cells'))
+  assert len(files) == 4 and all(f.endswith('.json') for f in files)
+  record = json.loads((tmp_path / 'cells' / files[0]).read_text())
+  assert record['status'] == 'done' and 'params_hash' in record
+
+  calls.clear()
+  second = harness.run_table(table, options)
+  assert calls == [] and all(r.reused for r in second.results)
+  assert second.rows[1].stats['rmse'] == first.rows[1].stats['rmse']
+
+
+def test_changed_params_are_a_new_cell(tmp_path):
+  calls = []
+  harness.run_table(_table(_cells(calls)), harness.RunOptions(str(tmp_path), seeds=(0,)))
+  calls.clear()
+  harness.run_table(_table(_cells(calls)), harness.RunOptions(str(tmp_path), seeds=(0, 1)))
+  assert sorted(calls) == [('model', 1), ('trivial', 1)]
+
+
+def test_mean_and_sample_std_over_seeds(tmp_path):
+  run = harness.run_table(_table(_cells([], values={0: 1.0, 1: 1.2, 2: 1.4})),
+                          harness.RunOptions(str(tmp_path), seeds=(0, 1, 2)))
+  model = next(r for r in run.rows if r.spec.label == 'model')
+  assert model.stats['rmse'].mean == pytest.approx(1.2)
+  assert model.stats['rmse'].std == pytest.approx(0.2)
+  assert model.stats['rmse'].n == 3 and model.repeats == [0, 1, 2]
+  assert model.values == {'note': 'x'}
+  paper = next(r for r in run.rows if r.spec.label == 'paper')
+  assert paper.status == harness.PUBLISHED and paper.stats == {}
+
+
+def test_one_value_has_no_std():
+  assert harness.summarize([0.5]) == harness.Stat(0.5, None, 1)
+
+
+def test_a_failing_cell_does_not_stop_the_others_and_is_retried(tmp_path):
+  calls = []
+  options = harness.RunOptions(str(tmp_path), seeds=(0, 1))
+  run = harness.run_table(_table(_cells(calls, fail={('model', 0)})), options)
+  assert len(calls) == 4 and not run.ok
+  assert any('model-s0 failed: RuntimeError: boom' in p for p in run.problems)
+  model = next(r for r in run.rows if r.spec.label == 'model')
+  assert model.status == 'partial' and model.repeats == [1]
+  calls.clear()
+  run = harness.run_table(_table(_cells(calls)), options)
+  assert calls == [('model', 0)] and run.ok
+
+
+def test_skipped_cells_report_their_reason(tmp_path):
+  run = harness.run_table(_table(_cells([], skip={('model', 0)})),
+                          harness.RunOptions(str(tmp_path), seeds=(0,)))
+  model = next(r for r in run.rows if r.spec.label == 'model')
+  assert model.status == harness.SKIPPED
+  assert model.values['reason'] == 'skipped: module missing'
+  assert run.ok  # Skipping is not a failure.
+
+
+def test_trivial_check(tmp_path):
+  run = harness.run_table(_table(_cells([], values={0: 2.5})),
+                          harness.RunOptions(str(tmp_path), seeds=(0,)))
+  assert run.problems == ['model: rmse 2.5000 does not beat trivial (2.0000)']
+  exempt = _table(_cells([], values={0: 2.5}),
+                  rows=[harness.RowSpec('trivial', kind=harness.TRIVIAL),
+                        harness.RowSpec('model', beats_trivial_quick=False)])
+  assert harness.run_table(exempt, harness.RunOptions(str(tmp_path), seeds=(0,), quick=True)).ok
+
+
+def test_run_dir_ignores_rounds_but_result_does_not():
+  make = lambda rounds: harness.Cell('c', ('r',), '', 0, {'a': 1, 'total_rounds': rounds},
+                                     lambda ctx: {})
+  assert make(5).run_hash == make(500).run_hash
+  assert make(5).params_hash != make(500).params_hash
+  assert harness.cell_run_dir('/o', make(5)) == harness.cell_run_dir('/o', make(500))
+
+
+def test_select_cells_by_row_substring():
+  build = _cells([])
+  cells = build(harness.RunOptions('/o', seeds=(0,)))
+  assert [c.name for c in harness.select_cells(cells, ['MOD'])] == ['model-s0']
+  assert len(harness.select_cells(cells, [])) == 2
+
+
+def test_duplicate_cell_names_are_rejected(tmp_path):
+  cell = harness.Cell('same', ('r',), '', 0, {}, lambda ctx: {'r': {}})
+  with pytest.raises(ValueError, match='duplicate cell names'):
+    harness.run_cells([cell, cell], harness.RunOptions(str(tmp_path)))
+
+
+def test_a_cell_returning_wrong_rows_fails(tmp_path):
+  cell = harness.Cell('c', ('expected',), '', 0, {}, lambda ctx: {'other': {'rmse': 1.0}})
+  [result] = harness.run_cells([cell], harness.RunOptions(str(tmp_path)))
+  assert result.status == harness.FAILED and 'expected' in result.error

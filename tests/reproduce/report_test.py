@@ -1,0 +1,94 @@
+"""report: CSV, Markdown, PNG and manifest of a (synthetic) table run."""
+
+import csv
+import io
+import json
+import math
+import os
+
+from tff_rec.reproduce import harness
+from tff_rec.reproduce import report
+
+
+def _run(tmp_path, plot=None):
+  rows = [harness.RowSpec('Global mean', 'A', harness.TRIVIAL),
+          harness.RowSpec('Model', 'A', published={'rmse': 0.9}, source='Paper 2020'),
+          harness.RowSpec('Paper only', 'A', harness.PUBLISHED, {'rmse': 0.8}, 'Paper 2020'),
+          harness.RowSpec('Global mean', 'B', harness.TRIVIAL),
+          harness.RowSpec('Model', 'B')]
+
+  def build(options):
+    cells = []
+    for setting in ('A', 'B'):
+      for seed in options.seeds:
+        cells.append(harness.Cell(f'{setting}-mean-{seed}', ('Global mean',), setting, seed,
+                                  {'s': setting, 'seed': seed},
+                                  lambda ctx: {'Global mean': {'rmse': 1.1, 'epsilon': math.inf}}))
+        cells.append(harness.Cell(f'{setting}-model-{seed}', ('Model',), setting, seed,
+                                  {'s': setting, 'seed': seed, 'm': 1},
+                                  lambda ctx, s=seed: {'Model': {'rmse': 0.9 + 0.01 * s,
+                                                                 'epsilon': 2.0 + s}}))
+    return cells
+
+  table = harness.TableSpec(
+      name='demo', title='Demo table', description='A demo.',
+      columns=[harness.Column('rmse', 'RMSE', lower_is_better=True),
+               harness.Column('epsilon', 'eps', 2)],
+      rows=rows, build_cells=build, check_metric='rmse', notes=['We differ.'],
+      plot=plot or dict(kind='bars', metrics=['rmse'], settings=['A', 'B']))
+  options = harness.RunOptions(str(tmp_path), seeds=(0, 1))
+  return table, harness.run_table(table, options), options
+
+
+def test_writes_all_outputs_atomically(tmp_path):
+  table, run, options = _run(tmp_path)
+  paths = report.write_outputs(table, run, options, 'python -m experiments.reproduce --table=demo',
+                               {'table': 'demo', 'seeds': ['0', '1']})
+  assert sorted(os.path.basename(p) for p in paths.values()) == [
+      'manifest.json', 'table.csv', 'table.md', 'table.png']
+  assert not [f for f in os.listdir(tmp_path) if f.endswith('.tmp')]
+  with open(paths['table.png'], 'rb') as f:
+    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+  lines = list(csv.DictReader(io.StringIO(open(paths['table.csv']).read())))
+  assert [(r['setting'], r['row']) for r in lines] == [
+      ('A', 'Global mean'), ('A', 'Model'), ('A', 'Paper only'), ('B', 'Global mean'),
+      ('B', 'Model')]
+  model = lines[1]
+  assert float(model['rmse_mean']) == 0.905 and float(model['rmse_n']) == 2
+  assert float(model['rmse_published']) == 0.9 and model['beats_trivial_rmse'] == 'yes'
+  assert lines[2]['rmse_published'] == '0.8' and lines[2]['rmse_mean'] == ''
+
+  md = open(paths['table.md']).read()
+  assert '| Model ¹ | 0.9050 ± 0.0071 | 0.9000 |' in md
+  assert '## B' in md and 'We differ.' in md and 'Paper 2020' in md
+  assert '2 cores' in md or 'cores' in md
+  assert 'Wall time of this invocation' in md
+
+  manifest = json.load(open(paths['manifest.json']))
+  assert manifest['table'] == 'demo' and manifest['options']['seeds'] == [0, 1]
+  assert manifest['flags'] == {'table': 'demo', 'seeds': ['0', '1']}
+  assert 'tensorflow' in manifest['versions'] and manifest['machine']['cores']
+  assert len(manifest['cells']) == 8 and all(c['status'] == 'done' for c in manifest['cells'])
+
+
+def test_infinite_and_missing_values_render(tmp_path):
+  table, run, _ = _run(tmp_path)
+  md = report.to_markdown(table, run.rows, harness.beats_trivial(table, run.rows),
+                          {'repeats': [0, 1], 'machine': report.machine_info(), 'versions': {},
+                           'command': 'x', 'wall_seconds': 1.0, 'cell_seconds': 2.0,
+                           'counts': '8 done'})
+  assert '| Global mean | 1.1000 ± 0.0000 | ∞ | ' in md  # inf has no std
+
+
+def test_scatter_plots(tmp_path):
+  table, run, _ = _run(tmp_path, plot=dict(kind='scatter', x='epsilon', y='rmse', logx=True))
+  assert report.plot_png(table, run.rows)[:4] == b'\x89PNG'
+  table, run, _ = _run(tmp_path, plot=dict(kind='scatter_panels', panels=[
+      dict(setting='A', x='epsilon', y='rmse'), dict(setting='B', x='epsilon', y='rmse')]))
+  assert report.plot_png(table, run.rows)[:4] == b'\x89PNG'
+
+
+def test_machine_info():
+  info = report.machine_info()
+  assert info['cores'] >= 1 and 'cpu' in info and 'ram_gb' in info

@@ -1,0 +1,127 @@
+"""tables / common: every table's cells cover its rows; splits and data paths."""
+
+import os
+import re
+
+import numpy as np
+import pytest
+
+from tff_rec.data import splits
+from tff_rec.data import synthetic
+from tff_rec.reproduce import common
+from tff_rec.reproduce import harness
+from tff_rec.reproduce import tables
+
+
+@pytest.mark.parametrize('name', sorted(tables.TABLES))
+@pytest.mark.parametrize('quick', [True, False])
+def test_cells_cover_the_rows(name, quick):
+  table = tables.get(name)
+  options = harness.RunOptions('/nonexistent', seeds=(0, 1), quick=quick, max_rounds=100)
+  cells = table.build_cells(options)
+  names = [c.name for c in cells]
+  assert len(names) == len(set(names))
+  produced = {(c.setting, r) for c in cells for r in c.rows}
+  wanted = {(r.setting, r.label) for r in table.rows if r.kind != harness.PUBLISHED}
+  assert produced == wanted
+  keys = [c.key for c in cells]
+  assert len(keys) == len(set(keys))
+  assert table.check_metric in [c.key for c in table.columns]
+  for setting in {r.setting for r in table.rows if r.kind == harness.OURS}:
+    assert any(r.kind == harness.TRIVIAL and r.setting == setting for r in table.rows), setting
+
+
+def test_quick_and_full_cells_differ():
+  table = tables.get('fedrecon_ml1m')
+  quick = {c.key for c in table.build_cells(harness.RunOptions('/o', seeds=(0,), quick=True))}
+  full = {c.key for c in table.build_cells(harness.RunOptions('/o', seeds=(0,)))}
+  assert not quick & full
+
+
+def test_round_cap_is_recorded_but_keeps_the_run_dir():
+  table = tables.get('fedrecon_ml1m')
+  capped = table.build_cells(harness.RunOptions('/o', seeds=(0,), max_rounds=100))
+  full = table.build_cells(harness.RunOptions('/o', seeds=(0,), max_rounds=None))
+  a = next(c for c in capped if c.name == 'full-fedrecon-s0')
+  b = next(c for c in full if c.name == 'full-fedrecon-s0')
+  assert a.params['total_rounds'] == 100 and b.params['total_rounds'] == 500
+  assert a.run_hash == b.run_hash and a.params_hash != b.params_hash
+
+
+def test_unknown_table():
+  with pytest.raises(ValueError, match='unknown table'):
+    tables.get('nope')
+
+
+def _ratings():
+  return synthetic.synthetic_ratings(num_users=40, num_items=60, mean_ratings_per_user=6,
+                                     seed=4).ratings
+
+
+def test_kfold_partitions_the_ratings():
+  r = _ratings()
+  tests = [common.kfold_split(r, 5, f, seed=1).test for f in range(1, 6)]
+  keys = np.concatenate([t.users.astype(np.int64) * 1000 + t.items for t in tests])
+  assert np.unique(keys).size == r.num_ratings == keys.size
+  fold = common.kfold_split(r, 5, 2, seed=1)
+  assert fold.train.num_ratings + fold.test.num_ratings == r.num_ratings
+  assert abs(fold.test.num_ratings - r.num_ratings / 5) <= 1
+  with pytest.raises(ValueError):
+    common.kfold_split(r, 5, 6, seed=1)
+
+
+def test_first_users_split_keeps_negatives_aligned():
+  split = splits.split_leave_one_out(_ratings(), num_negatives=3, seed=0)
+  sub = common.first_users_split(split, 10)
+  assert set(sub.train.present_users()) <= set(range(10))
+  assert sub.negatives.shape == (sub.test.num_ratings, 3)
+  rows = np.flatnonzero(split.test.users < 10)
+  np.testing.assert_array_equal(sub.negatives, split.negatives[rows])
+
+
+def test_global_mean_and_popularity_baselines():
+  split = splits.split_leave_one_out(_ratings(), num_negatives=3, seed=0)
+  m = common.global_mean_metrics(split.train, split.test)
+  expected = np.sqrt(np.mean((split.test.ratings - split.train.global_mean()) ** 2))
+  assert m['rmse'] == pytest.approx(expected, rel=1e-6)
+  p = common.popularity_metrics(split, top_k=2)
+  assert 0.0 <= p['ndcg@2'] <= p['hr@2'] <= 1.0
+
+
+def test_data_location(tmp_path):
+  (tmp_path / 'ml-1m.zip').write_bytes(b'')
+  options = harness.RunOptions('/o', data_dir=str(tmp_path), data_paths={'ml-100k': '/x/ml100k'})
+  assert common.data_location(options, common.ML100K) == '/x/ml100k'
+  assert common.data_location(options, common.ML1M) == str(tmp_path / 'ml-1m.zip')
+  assert common.data_location(options, common.NCF_ML1M) == str(tmp_path)
+  bare = harness.RunOptions('/o')
+  assert common.data_location(bare, common.ML1M) is None
+  with pytest.raises(ValueError, match='--ncf_ml_1m'):
+    common.data_location(bare, common.NCF_ML1M)
+
+
+def test_capped_rounds_and_run_dir_guard(tmp_path):
+  assert common.capped_rounds(harness.RunOptions('/o', max_rounds=100), 500) == 100
+  assert common.capped_rounds(harness.RunOptions('/o', max_rounds=None), 500) == 500
+  cell = harness.Cell('c', ('r',), '', 0, {}, lambda ctx: {})
+  ctx = harness.CellContext(cell, harness.RunOptions(str(tmp_path)), str(tmp_path / 'run'), {})
+  assert common.federated_run_dir(ctx, 5) == ctx.run_dir
+  os.makedirs(tmp_path / 'run' / 'checkpoints' / 'program_state_10')
+  assert common.federated_run_dir(ctx, 20) == ctx.run_dir  # resumes from round 10
+  assert common.federated_run_dir(ctx, 5) == ctx.run_dir + '-r5'  # never reuses a longer run
+
+
+def test_flag_files_name_their_table_and_known_flags():
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  source = open(os.path.join(root, 'experiments', 'reproduce.py')).read()
+  known = set(re.findall(r"flags\.DEFINE_\w+\('(\w+)'", source))
+  for name in tables.TABLES:
+    path = os.path.join(root, 'experiments', 'flags', f'table_{name}.cfg')
+    values = {}
+    for line in open(path):
+      line = line.strip()
+      if line and not line.startswith('#'):
+        key, _, value = line.lstrip('-').partition('=')
+        values[key] = value
+    assert values['table'] == name
+    assert set(values) <= known, set(values) - known
