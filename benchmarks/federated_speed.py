@@ -314,6 +314,8 @@ def run(out_dir: str, smoke: bool = False, data_dir: Optional[str] = None,
       'variants': {k: dataclasses.asdict(v) for k, v in VARIANTS.items()},
       'scenarios': [dataclasses.asdict(s) for s in scenarios(smoke)],
       'smoke': smoke,
+      'only_scenarios': list(only_scenarios),
+      'only_variants': list(variants),
       'timing': 'median of timed rounds after one warm-up round; central: median of '
                 'Keras epochs over the same batches after a warm-up epoch',
   }

@@ -38,6 +38,8 @@ flags.DEFINE_bool('smoke', False, 'Tiny synthetic versions (checks they run; num
 flags.DEFINE_list('only', [], f'Run only these benchmarks (of {", ".join(BENCHMARKS)}).')
 flags.DEFINE_string('data_dir', None, 'Folder holding ml-100k.zip / ml-1m.zip (default: '
                     '../shared/data next to the repo if present, else the usual MovieLens search).')
+flags.DEFINE_list('scenarios', [], 'federated_speed: run only these scenarios (default: all).')
+flags.DEFINE_list('variants', [], 'federated_speed: run only these variants (default: all).')
 flags.DEFINE_bool('in_process', False, 'Run the benchmarks in this process (no subprocess each).')
 
 
@@ -54,7 +56,9 @@ def run_one(name: str, out_dir: str, smoke: bool, data_dir: Optional[str]) -> Op
   """Runs one benchmark in this process; the path of its JSON (if known)."""
   if name == 'federated_speed':
     from benchmarks import federated_speed  # pylint: disable=g-import-not-at-top
-    return federated_speed.run(out_dir, smoke=smoke, data_dir=data_dir)
+    return federated_speed.run(out_dir, smoke=smoke, data_dir=data_dir,
+                               only_scenarios=FLAGS.scenarios if FLAGS.is_parsed() else (),
+                               variants=FLAGS.variants if FLAGS.is_parsed() else ())
   if name == 'accountant_speed':
     from benchmarks import accountant_speed  # pylint: disable=g-import-not-at-top
     return accountant_speed.run(out_dir, smoke=smoke)
@@ -74,7 +78,8 @@ def run_one(name: str, out_dir: str, smoke: bool, data_dir: Optional[str]) -> Op
 
 def _subprocess(name: str, out_dir: str, smoke: bool, data_dir: Optional[str]) -> None:
   argv = [sys.executable, '-m', 'benchmarks.run_all', '--in_process', f'--only={name}',
-          f'--out_dir={out_dir}', f'--smoke={smoke}']
+          f'--out_dir={out_dir}', f'--smoke={smoke}', f'--scenarios={",".join(FLAGS.scenarios)}',
+          f'--variants={",".join(FLAGS.variants)}']
   if data_dir:
     argv.append(f'--data_dir={data_dir}')
   subprocess.run(argv, check=True, cwd=_REPO_ROOT)
@@ -129,6 +134,14 @@ def main(argv: Sequence[str]) -> int:
   if unknown:
     raise app.UsageError(f'--only: unknown benchmark(s) {", ".join(unknown)}; '
                          f'valid: {", ".join(BENCHMARKS)}')
+  if FLAGS.variants or FLAGS.scenarios:
+    from benchmarks import federated_speed  # pylint: disable=g-import-not-at-top
+    names = {s.name for s in federated_speed.scenarios(FLAGS.smoke)}
+    bad = [v for v in FLAGS.variants if v not in federated_speed.VARIANTS]
+    bad += [s for s in FLAGS.scenarios if s not in names]
+    if bad:
+      raise app.UsageError(f'--variants/--scenarios: unknown {", ".join(bad)}; variants: '
+                           f'{", ".join(federated_speed.VARIANTS)}; scenarios: {", ".join(sorted(names))}')
   data_dir = FLAGS.data_dir or default_data_dir()
   if FLAGS.data_dir and not os.path.isdir(FLAGS.data_dir):
     raise app.UsageError(f'--data_dir={FLAGS.data_dir}: no such folder')

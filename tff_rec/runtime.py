@@ -356,23 +356,27 @@ def _splitting_context_class():
       self._unsplittable = set()
 
     def invoke(self, comp, arg=None):
-      if not isinstance(comp, mergeable.MergeableCompForm):
-        if id(comp) in self._unsplittable:
-          return self._fallback.invoke(comp, arg)
-        try:
-          comp = self._compiler_pipeline.compile(comp)
-        except (ValueError, TypeError) as e:
-          self._unsplittable.add(id(comp))
-          logging.warning('A computation TFF cannot split into subrounds runs whole on the first '
-                          'worker: %s', e)
-          return self._fallback.invoke(comp, arg)
+      if isinstance(comp, mergeable.MergeableCompForm):
+        return super().invoke(comp, arg)
+      if id(comp) in self._unsplittable:
+        return self._fallback.invoke(comp, arg)
+      try:
+        form = self._compiler_pipeline.compile(comp)
+      except (ValueError, TypeError) as e:
+        self._unsplittable.add(id(comp))
+        logging.warning('A computation TFF cannot split into subrounds runs whole on the first '
+                        'worker: %s', e)
+        return self._fallback.invoke(comp, arg)
       subrounds = len(self._async_execution_contexts)
       if arg is not None and self._max_clients:
         clients = cardinalities_utils.infer_cardinalities(
-            arg, comp.up_to_merge.type_signature.parameter).get(placements.CLIENTS, 0)
+            arg, form.up_to_merge.type_signature.parameter).get(placements.CLIENTS, 0)
         subrounds = max(subrounds, math.ceil(clients / self._max_clients))
+      if subrounds == 1:
+        # One worker, one subround: the plain call is the same, minus the merge steps.
+        return self._fallback.invoke(comp, arg)
       self._num_subrounds = subrounds
-      return super().invoke(comp, arg)
+      return super().invoke(form, arg)
 
   return SplittingContext
 

@@ -404,7 +404,7 @@ class _NcfSetting:
 
 def _ncf_setting(quick: bool) -> _NcfSetting:
   if quick:
-    return _NcfSetting(max_users=600, central_epochs=2, central_lr=0.005, clients_per_round=20,
+    return _NcfSetting(max_users=400, central_epochs=2, central_lr=0.005, clients_per_round=20,
                        rounds=2)
   return _NcfSetting(max_users=None, central_epochs=20, central_lr=0.001, clients_per_round=100,
                      rounds=200)
