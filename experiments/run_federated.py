@@ -20,6 +20,7 @@ from absl import logging
 from experiments import common_flags
 from experiments import dp_flags
 from compression import comm
+from privacy import dp_aggregators
 from tff_rec.data import errors
 from tff_rec.training import algorithms
 from tff_rec.training import data_setup
@@ -133,9 +134,14 @@ def prepare_run(config: experiment.FederatedConfig, split, dp_config, compressio
   if dp.needs_secure_context:
     config = dataclasses.replace(config, secure_intrinsics=True)
   weighted = not config.algorithm.uniform
+  dp_kwargs = {'dp_factory': dp.aggregator}
+  if (compression != 'none' and dp_config.enabled and dp_config.mode in dp_aggregators.QUERY_MODES
+      and not dp_config.zeroing):
+    # Quantized transport inside the DP clip (see compression.comm).
+    dp_kwargs = {'dp_query': dp_aggregators.build_query(dp.config, config.clients_per_round)}
   try:
     aggregator = comm.build_compression_aggregator(
-        compression, weighted=weighted, dp_factory=dp.aggregator, threshold=compression_threshold)
+        compression, weighted=weighted, threshold=compression_threshold, **dp_kwargs)
   except ValueError as e:
     raise app.UsageError(f'--compression={compression}: {e}') from e
   spec = experiment.model_spec(config, split)

@@ -297,6 +297,37 @@ def _with_zeroing(inner, secure: bool):
           upper_bound_threshold=1, lower_bound_threshold=0))
 
 
+QUERY_MODES = ('gaussian_fixed', 'gaussian_adaptive')
+
+
+def build_query(config: DpConfig, clients_per_round: int) -> tfp.DPQuery:
+  """The normalized DP query behind the central Gaussian modes.
+
+  The same queries TFF's `DifferentiallyPrivateFactory.gaussian_fixed` /
+  `gaussian_adaptive` wrap; exposed so compressed transport can sit inside
+  the clip (`compression.comm.build_compression_aggregator(dp_query=...)`).
+  """
+  if config.mode not in QUERY_MODES:
+    raise ValueError(f'build_query supports modes {QUERY_MODES}, not {config.mode!r}')
+  if config.noise_multiplier is None:
+    raise ValueError('build_query needs noise_multiplier (calibrate it first)')
+  cpr = _integer('clients_per_round', clients_per_round, 1)
+  nm = float(config.noise_multiplier)
+  if config.mode == 'gaussian_fixed':
+    query = tfp.GaussianSumQuery(l2_norm_clip=config.initial_clip, stddev=config.initial_clip * nm)
+  else:
+    query = tfp.QuantileAdaptiveClipSumQuery(
+        initial_l2_norm_clip=config.initial_clip,
+        noise_multiplier=value_noise_multiplier(config, cpr),
+        target_unclipped_quantile=float(config.target_unclipped_quantile),
+        learning_rate=float(config.clip_learning_rate),
+        clipped_count_stddev=clipped_count_stddev(config, cpr),
+        expected_num_records=cpr,
+        geometric_update=True,
+    )
+  return tfp.NormalizedQuery(query, denominator=cpr)
+
+
 def build_aggregator(
     config: DpConfig,
     clients_per_round: int,

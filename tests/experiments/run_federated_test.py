@@ -121,3 +121,30 @@ def test_resume_after_kill_reaches_the_same_weights(tmp_path):
     rounds = [line.split(',')[0] for line in f.read().splitlines()[1:]]
   assert rounds == [str(r) for r in range(0, 7)]
   assert not glob.glob(os.path.join(tmp_path, 'crashed', 'checkpoints', '*_temp*'))
+
+
+def _prepared(*argv):
+  _parse('--dataset=synthetic', '--weighting=uniform', '--algorithm=fedrecon', '--clients_per_round=20',
+         *argv)
+  from experiments import dp_flags  # pylint: disable=g-import-not-at-top
+  from tff_rec.training import data_setup  # pylint: disable=g-import-not-at-top
+  config = run_federated.config_from_flags()
+  split = data_setup.load_split(config.data)
+  return run_federated.prepare_run(config, split, dp_flags.dp_config_from_flags(),
+                                   FLAGS.compression, FLAGS.compression_threshold)
+
+
+def test_dp_with_compression_quantizes_inside_the_clip():
+  config, kwargs = _prepared('--dp=gaussian_fixed', '--dp_noise_multiplier=1.0', '--dp_clip=1.0',
+                             '--compression=quantize8', '--compression_threshold=10')
+  assert not config.algorithm.row_sparse_mean
+  metrics = kwargs['extra_metrics_fn'](3)
+  assert metrics['comm/upload_compression'] > 2.0
+  assert metrics['dp/epsilon'] > 0
+  assert kwargs['hparams_extra']['compression'] == {'mode': 'quantize8', 'threshold': 10}
+
+
+def test_weighted_dp_is_refused():
+  with pytest.raises(app.UsageError, match='--weighting'):
+    _prepared('--weighting=num_examples', '--dp=gaussian_fixed', '--dp_noise_multiplier=1.0',
+              '--dp_clip=1.0')
