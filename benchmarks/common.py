@@ -156,6 +156,7 @@ def write_result(out_dir: str, name: str, parameters: Mapping[str, Any], results
   }
   path = os.path.join(out_dir, f'{name}.json')
   artifacts.write_json(path, payload)
+  os.chmod(path, 0o644)
   write_text(os.path.join(out_dir, f'{name}.md'), summary_markdown)
   return path
 
@@ -168,6 +169,7 @@ def write_text(path: str, text: str) -> None:
   try:
     with os.fdopen(fd, 'w') as f:
       f.write(text if text.endswith('\n') else text + '\n')
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):

@@ -303,7 +303,8 @@ def run(out_dir: str, smoke: bool = False, data_dir: Optional[str] = None,
           'ratings': int(r.num_ratings),
           'skipped': [{'variant': v, 'clients_above': c,
                        'why': 'all client updates are held at once: out of memory'}
-                      for v, c in scenario.max_clients],
+                      for v, c in scenario.max_clients
+                      if (not variants or v in variants) and v in scenario.variants],
           'rows': rows,
           'fits': _fits(rows) if len(scenario.client_counts) > 1 else [],
       }

@@ -122,7 +122,8 @@ def prepare_dp_for_run(dp_config: dp_aggregators.DpConfig, config: Any,
   """(config, DpSetup) for a FederatedConfig and its split; UsageError if refused.
 
   With DP the returned config has `algorithm.row_sparse_mean=False` (the DP
-  aggregator replaces the default one; recorded so hparams.json is truthful).
+  aggregator replaces the default one; recorded so hparams.json is truthful),
+  and `secure_intrinsics=True` when the mode needs secure sums ('ddp').
   """
   from tff_rec.training import algorithms  # pylint: disable=g-import-not-at-top
 
@@ -154,5 +155,6 @@ def prepare_dp_for_run(dp_config: dp_aggregators.DpConfig, config: Any,
       message = f'--dp={dp_config.mode}: {message}'
     raise app.UsageError(message) from e
   config = dataclasses.replace(
-      config, algorithm=dataclasses.replace(config.algorithm, row_sparse_mean=False))
+      config, algorithm=dataclasses.replace(config.algorithm, row_sparse_mean=False),
+      secure_intrinsics=config.secure_intrinsics or setup.needs_secure_context)
   return config, setup

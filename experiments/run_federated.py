@@ -10,7 +10,6 @@ model under --root_output_dir/--experiment_name.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Sequence
 
 from absl import app
@@ -66,6 +65,12 @@ flags.DEFINE_bool('row_sparse_mean', True, 'Average embedding-table rows over th
 flags.DEFINE_bool('progress_bar', True, 'Show a progress bar.')
 flags.DEFINE_list('workers', [], 'host:port of running TFF worker_binary processes (default: one local worker).')
 flags.DEFINE_integer('max_concurrent_computation_calls', -1, 'Local worker concurrency cap (-1: none).')
+flags.DEFINE_integer('clients_per_subround', 500, 'Split larger rounds into merged subrounds of this many '
+                     'clients (bounds worker memory; results are unchanged).')
+flags.DEFINE_string('client_data_dir', None, 'Keep one file per user here, read worker-side (needed when '
+                    '--workers run on other hosts: a path they all see).')
+flags.DEFINE_enum('loop_implementation', 'iterator', list(algorithms.LOOP_IMPLEMENTATIONS),
+                  'FedAvg/FedProx client loop: TFF DATASET_ITERATOR (faster) or DATASET_REDUCE.')
 
 
 def config_from_flags() -> experiment.FederatedConfig:
@@ -73,7 +78,8 @@ def config_from_flags() -> experiment.FederatedConfig:
   for name in ('clients_per_round', 'total_rounds', 'client_epochs', 'batch_size', 'eval_every',
                'checkpoint_every', 'recon_epochs'):
     common_flags._positive(name)  # pylint: disable=protected-access
-  for name in ('max_examples_per_user', 'eval_clients', 'recon_steps_max', 'post_recon_steps_max'):
+  for name in ('max_examples_per_user', 'eval_clients', 'recon_steps_max', 'post_recon_steps_max',
+               'clients_per_subround'):
     common_flags._positive(name, allow_none=True)  # pylint: disable=protected-access
   data = common_flags.data_config_from_flags()
   model = common_flags.model_config_from_flags()
@@ -90,6 +96,7 @@ def config_from_flags() -> experiment.FederatedConfig:
         post_recon_steps_max=FLAGS.post_recon_steps_max,
         split_dataset=FLAGS.split_dataset,
         row_sparse_mean=FLAGS.row_sparse_mean,
+        loop_implementation=FLAGS.loop_implementation,
     )
   except ValueError as e:
     raise app.UsageError(f'--algorithm/--weighting/--proximal_strength: {e}') from e
@@ -119,6 +126,8 @@ def config_from_flags() -> experiment.FederatedConfig:
       progress_bar=FLAGS.progress_bar,
       worker_addresses=tuple(FLAGS.workers),
       max_concurrent_computation_calls=FLAGS.max_concurrent_computation_calls,
+      clients_per_subround=FLAGS.clients_per_subround,
+      client_data_dir=FLAGS.client_data_dir,
   )
 
 
@@ -131,8 +140,6 @@ def prepare_run(config: experiment.FederatedConfig, split, dp_config, compressio
   """
   common_flags.check_population(config.clients_per_round, split)
   config, dp = dp_flags.prepare_dp_for_run(dp_config, config, split)
-  if dp.needs_secure_context:
-    config = dataclasses.replace(config, secure_intrinsics=True)
   weighted = not config.algorithm.uniform
   dp_kwargs = {'dp_factory': dp.aggregator}
   if (compression != 'none' and dp_config.enabled and dp_config.mode in dp_aggregators.QUERY_MODES

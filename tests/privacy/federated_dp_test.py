@@ -257,3 +257,27 @@ def test_run_federated_with_dp_logs_the_running_epsilon(tmp_path):
     assert float(r['dp/epsilon']) == pytest.approx(accounting.compute_epsilon(plan), rel=1e-6)
   hparams = json.loads((tmp_path / config.experiment_name / 'hparams.json').read_text())
   assert hparams['dp']['mode'] == 'gaussian_adaptive'
+
+
+@pytest.mark.parametrize('algorithm', ['fedavg', 'fedrecon'])
+def test_run_federated_with_distributed_dp(tmp_path, algorithm):
+  """End to end: --dp=ddp builds (a proto deeper than upb's default limit) and runs
+  under the context that executes secure sums."""
+  data = synthetic.synthetic_ratings(num_users=40, num_items=20, seed=3)
+  split = splits.split_by_user(data.ratings, fractions=(0.8, 0.0, 0.2))
+  config = experiment.FederatedConfig(
+      model=experiment.ModelConfig('mf', {'embedding_dim': 4}),
+      algorithm=algorithms.AlgorithmConfig(name=algorithm, weighting='uniform',
+                                           row_sparse_mean=False),
+      clients_per_round=8, total_rounds=2, eval_every=2, sampling='fixed_size',
+      root_output_dir=str(tmp_path), progress_bar=False)
+  dp = DpConfig('ddp', noise_multiplier=0.3, clip=0.5)
+  config, setup = dp_flags.prepare_dp_for_run(dp, config, split)
+  assert config.secure_intrinsics
+  result = experiment.run_federated(
+      config, split=split, model_aggregator=setup.aggregator,
+      extra_metrics_fn=setup.extra_metrics_fn, total_rounds=setup.total_rounds)
+  assert math.isfinite(result.test_metrics['rmse'])
+  with open(tmp_path / config.experiment_name / 'metrics.csv') as f:
+    eps = [float(r['dp/epsilon']) for r in csv.DictReader(f) if r.get('dp/epsilon')]
+  assert len(eps) == 2 and 0 < eps[0] < eps[1]

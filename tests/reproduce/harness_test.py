@@ -105,8 +105,11 @@ def test_skipped_cells_report_their_reason(tmp_path):
 
 def test_trivial_check(tmp_path):
   run = harness.run_table(_table(_cells([], values={0: 2.5})),
-                          harness.RunOptions(str(tmp_path), seeds=(0,)))
+                          harness.RunOptions(str(tmp_path / 'q'), seeds=(0,), quick=True))
   assert run.problems == ['model: rmse 2.5000 does not beat trivial (2.0000)']
+  full = harness.run_table(_table(_cells([], values={0: 2.5})),
+                           harness.RunOptions(str(tmp_path / 'f'), seeds=(0,)))
+  assert full.ok and full.warnings == run.problems
   exempt = _table(_cells([], values={0: 2.5}),
                   rows=[harness.RowSpec('trivial', kind=harness.TRIVIAL),
                         harness.RowSpec('model', beats_trivial_quick=False)])
@@ -138,3 +141,9 @@ def test_a_cell_returning_wrong_rows_fails(tmp_path):
   cell = harness.Cell('c', ('expected',), '', 0, {}, lambda ctx: {'other': {'rmse': 1.0}})
   [result] = harness.run_cells([cell], harness.RunOptions(str(tmp_path)))
   assert result.status == harness.FAILED and 'expected' in result.error
+
+
+def test_rows_filter_without_the_trivial_row_is_not_a_problem(tmp_path):
+  options = harness.RunOptions(str(tmp_path), seeds=(0,), rows=('model',))
+  run = harness.run_table(_table(_cells([], values={0: 2.5})), options)
+  assert run.ok and [r.cell.name for r in run.results] == ['model-s0']

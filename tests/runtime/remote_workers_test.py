@@ -144,3 +144,31 @@ def test_two_workers_match_one_process(scenario):
     np.testing.assert_allclose(a, b, atol=1e-5)
   assert artifacts.read_json(os.path.join(one, 'test_metrics.json')).keys() == \
       artifacts.read_json(os.path.join(two, 'test_metrics.json')).keys()
+
+
+@pytest.mark.parametrize('addresses,match', [
+    ([], 'at least one'),
+    (['localhost'], 'not host:port'),
+    (['localhost:http'], 'not host:port'),
+    (['a:1', 'a:1'], 'repeat'),
+])
+def test_bad_worker_addresses_are_rejected(addresses, match):
+  from tff_rec import runtime  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match=match):
+    runtime.set_remote_context(addresses)
+
+
+def test_clients_per_subround_must_be_positive():
+  from tff_rec import runtime  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match='clients_per_subround'):
+    runtime._splitting_context([], False, 0)  # pylint: disable=protected-access
+
+
+def test_start_worker_refuses_a_busy_port():
+  import socket  # pylint: disable=g-import-not-at-top
+  from tff_rec import runtime  # pylint: disable=g-import-not-at-top
+  with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+    s.bind(('::', 0))
+    s.listen()
+    with pytest.raises(runtime.WorkerError, match='already in use'):
+      runtime.serve_worker(s.getsockname()[1])

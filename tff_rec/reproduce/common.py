@@ -17,7 +17,6 @@ from tff_rec.data import splits as splits_lib
 from tff_rec.reproduce import harness
 from tff_rec.reproduce import local_recon
 from tff_rec.training import central
-from tff_rec.training import data_setup
 from tff_rec.training import experiment
 from tff_rec.training import loop
 from tff_rec.training import model_fns

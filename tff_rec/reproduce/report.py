@@ -212,6 +212,8 @@ def to_markdown(table: harness.TableSpec, rows: Sequence[harness.RowResult],
     lines += ['## Differences from the papers', ''] + [f'- {n}' for n in table.notes] + ['']
   if run.get('problems'):
     lines += ['## Checks that failed', ''] + [f'- {p}' for p in run['problems']] + ['']
+  if run.get('warnings'):
+    lines += ['## Rows below the trivial predictor', ''] + [f'- {p}' for p in run['warnings']] + ['']
   m = run['machine']
   lines += [
       '## Run', '',
@@ -340,6 +342,7 @@ def write_outputs(table: harness.TableSpec, run: harness.TableRun, options: harn
       'cell_seconds': sum(r.seconds for r in run.results),
       'counts': ', '.join(f'{v} {k}' for k, v in sorted(counts.items())),
       'problems': run.problems,
+      'warnings': run.warnings,
   }
   paths = {name: os.path.join(out, name)
            for name in (CSV_NAME, MARKDOWN_NAME, PLOT_NAME, MANIFEST_NAME)}
@@ -367,6 +370,7 @@ def write_outputs(table: harness.TableSpec, run: harness.TableRun, options: harn
       'finished_at': run.finished_at,
       'wall_seconds': run.wall_seconds,
       'problems': run.problems,
+      'warnings': run.warnings,
       'cells': [{
           'name': r.cell.name, 'key': r.cell.key, 'rows': list(r.cell.rows),
           'setting': r.cell.setting, 'repeat': r.cell.repeat, 'status': r.status,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 import shutil
 import tempfile
@@ -43,6 +42,7 @@ RMSE = Column('rmse', 'RMSE', lower_is_better=True)
 MAE = Column('mae', 'MAE', lower_is_better=True)
 ACC = Column('rating_accuracy', 'rating acc.')
 HR = Column('hr@10', 'HR@10')
+ROUNDS = Column('rounds', 'rounds run', 0)
 NDCG = Column('ndcg@10', 'NDCG@10')
 
 
@@ -303,7 +303,7 @@ def fedrecon_table() -> harness.TableSpec:
           'their default `recon_epochs_constant=True`), `recon_steps_max=50`, '
           '`post_recon_steps_max=50`, `split_dataset=True` (training and evaluation), '
           'plain mean of item updates (`row_sparse_mean=False`), example-count weighting.'),
-      columns=[ACC, RMSE, MAE],
+      columns=[ACC, RMSE, MAE, ROUNDS],
       rows=rows,
       build_cells=build,
       check_metric='rmse',
@@ -474,7 +474,7 @@ def ncf_table() -> harness.TableSpec:
           'FedRecon: user rows stay on the device; reconstruction SGD 0.5 for 2 epochs over '
           'the user\'s positives and fresh negatives; ranked after the same reconstruction '
           '(`tff_rec.reproduce.local_recon`). Popularity: items scored by training count.'),
-      columns=[HR, NDCG],
+      columns=[HR, NDCG, ROUNDS],
       rows=rows,
       build_cells=build,
       check_metric='hr@10',
@@ -652,7 +652,7 @@ def privacy_table() -> harness.TableSpec:
           'delta 1e-6, and its attack is per rating (training vs test ratings\' squared '
           'error).'),
       columns=[Column('epsilon', 'ε', 2, lower_is_better=True), RMSE, ACC,
-               Column('mia_auc', 'MIA AUC', 3, lower_is_better=True)],
+               Column('mia_auc', 'MIA AUC', 3, lower_is_better=True), ROUNDS],
       rows=rows,
       build_cells=build,
       check_metric='rmse',
@@ -873,7 +873,7 @@ def compression_table() -> harness.TableSpec:
           'zeroing and clipping), and the same with a randomized Hadamard rotation '
           '(`compression/comm.py`). Bytes per client and round are counted from the TFF types '
           'of the aggregation (`comm.aggregator_comm_stats`).'),
-      columns=[RMSE, MAE, ACC] + size_cols + comm_cols,
+      columns=[RMSE, MAE, ACC] + size_cols + comm_cols + [ROUNDS],
       rows=rows,
       build_cells=build,
       check_metric='rmse',

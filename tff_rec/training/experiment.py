@@ -70,6 +70,12 @@ class FederatedConfig:
   max_concurrent_computation_calls: int = -1
   # Execute federated_secure_sum(_bitwidth) (distributed DP); see runtime.
   secure_intrinsics: bool = False
+  # Rounds with more clients run as merged subrounds of this many (bounds the
+  # worker's memory; small rounds are one plain call).
+  clients_per_subround: Optional[int] = 500
+  # Keep each user's training rows in one file here, read worker-side,
+  # instead of embedding the whole table in the dataset computation.
+  client_data_dir: Optional[str] = None
 
   def __post_init__(self):
     for name in ('clients_per_round', 'total_rounds', 'client_epochs', 'batch_size', 'eval_every',
@@ -80,6 +86,8 @@ class FederatedConfig:
       raise ValueError('max_examples_per_user must be positive')
     if self.eval_clients is not None and self.eval_clients <= 0:
       raise ValueError('eval_clients must be positive')
+    if self.clients_per_subround is not None and self.clients_per_subround <= 0:
+      raise ValueError('clients_per_subround must be positive')
     if self.negatives_per_positive < 0:
       raise ValueError('negatives_per_positive must be >= 0')
 
@@ -108,10 +116,12 @@ def model_spec(config: FederatedConfig, split: splits_lib.Split) -> model_fns.Mo
 def install_runtime(config: FederatedConfig) -> None:
   """Sets up TFF's execution context: local worker, or remote workers."""
   if config.worker_addresses:
-    runtime.set_remote_context(list(config.worker_addresses), secure_intrinsics=config.secure_intrinsics)
+    runtime.set_remote_context(list(config.worker_addresses), secure_intrinsics=config.secure_intrinsics,
+                               clients_per_subround=config.clients_per_subround)
   else:
     runtime.set_local_context(max_concurrent_computation_calls=config.max_concurrent_computation_calls,
-                              secure_intrinsics=config.secure_intrinsics)
+                              secure_intrinsics=config.secure_intrinsics,
+                              clients_per_subround=config.clients_per_subround)
 
 
 def _sample_eval(users: list[str], n: Optional[int], seed: int) -> Callable[[int], list[str]]:
