@@ -20,3 +20,25 @@ def tff_context():
 
   runtime.ensure_context()
   yield
+
+
+# Small training runs shared by tests/export and tests/compression
+# (see tests/export/run_fixtures.py).
+
+
+@pytest.fixture(scope='session')
+def runs_root(tmp_path_factory):
+  from tests.export import run_fixtures  # pylint: disable=g-import-not-at-top
+  return run_fixtures.session_root(tmp_path_factory)
+
+
+@pytest.fixture(scope='session')
+def mf_run(runs_root):  # pylint: disable=redefined-outer-name
+  from tests.export import run_fixtures  # pylint: disable=g-import-not-at-top
+  return run_fixtures.central_mf(runs_root)
+
+
+@pytest.fixture(scope='session')
+def fedrecon_run(runs_root, tff_context):  # pylint: disable=redefined-outer-name,unused-argument
+  from tests.export import run_fixtures  # pylint: disable=g-import-not-at-top
+  return run_fixtures.fedrecon_mf(runs_root)

@@ -5,11 +5,11 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import psutil
 import pytest
 
+from tests import processes
 from tests import shared_data
 
 _CHILD = textwrap.dedent('''
@@ -46,18 +46,6 @@ def _worker_binaries() -> set[int]:
   return pids
 
 
-def _gone(pid: int, timeout: float = 15.0) -> bool:
-  deadline = time.monotonic() + timeout
-  while time.monotonic() < deadline:
-    try:
-      if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-        return True
-    except psutil.NoSuchProcess:
-      return True
-    time.sleep(0.1)
-  return False
-
-
 def _start(mode: str) -> subprocess.Popen:
   env = dict(os.environ, PYTHONPATH=shared_data.REPO_ROOT, TF_CPP_MIN_LOG_LEVEL='3')
   return subprocess.Popen(
@@ -86,7 +74,7 @@ def test_worker_dies_with_parent_on_exit(mode, expect_code):
   worker = _read_worker_pid(proc)
   code = proc.wait(timeout=120)
   assert code == expect_code
-  assert _gone(worker), f'worker_binary {worker} outlived its parent ({mode})'
+  assert processes.gone(worker), f'worker_binary {worker} outlived its parent ({mode})'
 
 
 @pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
@@ -96,7 +84,7 @@ def test_worker_dies_with_parent_on_signal(sig):
   assert worker in _worker_binaries()
   proc.send_signal(sig)  # SIGINT is what Ctrl-C delivers.
   proc.wait(timeout=60)
-  assert _gone(worker), f'worker_binary {worker} outlived its parent ({sig.name})'
+  assert processes.gone(worker), f'worker_binary {worker} outlived its parent ({sig.name})'
 
 
 def test_no_worker_started_by_tff_default_context_leaks():
@@ -105,7 +93,7 @@ def test_no_worker_started_by_tff_default_context_leaks():
   worker = _read_worker_pid(proc)
   proc.wait(timeout=120)
   # Every worker_binary whose parent was the child is the one we started.
-  assert _gone(worker)
+  assert processes.gone(worker)
   leftovers = [p for p in _worker_binaries() if _parent_was(p, proc.pid)]
   assert not leftovers
 

@@ -13,6 +13,7 @@ import portpicker
 import psutil
 import pytest
 
+from tests import processes
 from tests import shared_data
 from tff_rec.training import artifacts
 
@@ -48,19 +49,7 @@ class _Worker:
     self.proc.wait(timeout=30)
     self.proc.stdout.close()
     for pid in self.children:
-      assert _gone(pid), f'worker_binary {pid} outlived start_worker'
-
-
-def _gone(pid: int, timeout: float = 15.0) -> bool:
-  deadline = time.monotonic() + timeout
-  while time.monotonic() < deadline:
-    try:
-      if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-        return True
-    except psutil.NoSuchProcess:
-      return True
-    time.sleep(0.1)
-  return False
+      assert processes.gone(pid), f'worker_binary {pid} outlived start_worker'
 
 
 def _train(root, name, *extra):
