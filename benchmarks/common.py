@@ -10,13 +10,13 @@ from __future__ import annotations
 import os
 import platform
 import sys
-import tempfile
 import time
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import psutil
 
+from tff_rec import atomic
 from tff_rec import version
 from tff_rec.training import artifacts
 
@@ -156,25 +156,13 @@ def write_result(out_dir: str, name: str, parameters: Mapping[str, Any], results
   }
   path = os.path.join(out_dir, f'{name}.json')
   artifacts.write_json(path, payload)
-  os.chmod(path, 0o644)
   write_text(os.path.join(out_dir, f'{name}.md'), summary_markdown)
   return path
 
 
 def write_text(path: str, text: str) -> None:
   """Writes text to `path` atomically."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path), dir=directory)
-  try:
-    with os.fdopen(fd, 'w') as f:
-      f.write(text if text.endswith('\n') else text + '\n')
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  atomic.write(path, text if text.endswith('\n') else text + '\n')
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:

@@ -46,6 +46,7 @@ import tensorflow as tf
 from compression import pruning
 from compression import quantization
 from compression import report
+from tff_rec import atomic
 from tff_rec import version
 from tff_rec.data import sources
 from tff_rec.data import splits
@@ -244,12 +245,7 @@ def write(result: dict, output_dir: str) -> tuple[str, str]:
   paths = []
   for name, text in (('compression_benchmark.json', json.dumps(result, indent=2) + '\n'),
                      ('compression_benchmark.md', markdown(result))):
-    path = os.path.join(output_dir, name)
-    fd, tmp = tempfile.mkstemp(prefix='.' + name, dir=output_dir)
-    with os.fdopen(fd, 'w') as f:
-      f.write(text)
-    os.replace(tmp, path)
-    paths.append(path)
+    paths.append(atomic.write(os.path.join(output_dir, name), text))
   return paths[0], paths[1]
 
 

@@ -17,13 +17,13 @@ import dataclasses
 import gzip
 import io
 import os
-import tempfile
 import time
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
 
+from tff_rec import atomic
 from tff_rec.data import ratings as ratings_lib
 from tff_rec.export import serving
 from tff_rec.models import metrics as metrics_lib
@@ -197,20 +197,6 @@ def recommend_latency(
   return float(np.percentile(times, 50)), float(np.percentile(times, 99))
 
 
-def _atomic_write(path: str, text: str) -> None:
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path), dir=directory)
-  try:
-    with os.fdopen(fd, 'w', newline='') as f:
-      f.write(text)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def _fmt(v) -> str:
   if v is None:
     return ''
@@ -265,6 +251,6 @@ def write_report(rows: Sequence[ReportRow], directory: str, name: str = 'compres
     raise ValueError('no report rows')
   csv_path = os.path.join(directory, f'{name}.csv')
   md_path = os.path.join(directory, f'{name}.md')
-  _atomic_write(csv_path, to_csv(rows))
-  _atomic_write(md_path, to_markdown(rows, extra=extra))
+  atomic.write(csv_path, to_csv(rows))
+  atomic.write(md_path, to_markdown(rows, extra=extra))
   return csv_path, md_path

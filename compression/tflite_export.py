@@ -20,11 +20,12 @@ artifact with `tf.lite.Interpreter` against the float model.
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Callable, Iterable, Mapping, Optional
 
 import numpy as np
 import tensorflow as tf
+
+from tff_rec import atomic
 
 MODES = ('dynamic', 'int8')
 RECON_SIGNATURE = 'score_from_history'
@@ -102,18 +103,7 @@ def recon_reference(keras_model: tf.keras.Model, l2: float) -> Callable[..., np.
 
 def write(path: str, content: bytes) -> str:
   """Writes a flatbuffer atomically."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix='.tflite.', dir=directory)
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      f.write(content)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-  return path
+  return atomic.write(path, content)
 
 
 def run(content: bytes, inputs: Mapping[str, np.ndarray], signature: Optional[str] = None) -> np.ndarray:

@@ -19,13 +19,13 @@ See privacy/accounting.py for what the guarantee covers.
 import json
 import math
 import os
-import tempfile
 from typing import List, Optional, Sequence
 
 from absl import app
 from absl import flags
 
 from privacy import accounting
+from tff_rec import atomic
 
 # Users in the MovieLens releases (the population when one client = one user).
 DATASET_POPULATIONS = {'ml-100k': 943, 'ml-1m': 6040}
@@ -190,19 +190,7 @@ def format_report(report: dict) -> List[str]:
 
 def write_json_atomic(path: str, record: dict) -> None:
   """Writes `record` as JSON to `path` via a temporary sibling + os.replace."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path),
-                             suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'w') as f:
-      json.dump(record, f, indent=2, sort_keys=True)
-      f.write('\n')
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  atomic.write(path, json.dumps(record, indent=2, sort_keys=True) + '\n')
 
 
 def main(argv: Sequence[str]) -> None:

@@ -41,7 +41,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 import time
 from typing import Any, Callable, Iterator, Optional
 
@@ -53,6 +52,7 @@ from tensorflow_privacy.privacy.keras_models import dp_keras_model
 from tensorflow_privacy.privacy.optimizers import clip_and_aggregate_gradients as clip_lib
 
 from privacy import accounting
+from tff_rec import atomic
 from tff_rec.data import errors
 from tff_rec.data import ratings as ratings_lib
 from tff_rec.models import base
@@ -430,20 +430,6 @@ def result_markdown(result: DpSgdResult, extra: Optional[dict] = None) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def _write_atomic(path: str, text: str) -> None:
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path), suffix='.tmp', dir=directory)
-  try:
-    with os.fdopen(fd, 'w') as f:
-      f.write(text)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def _json_default(v):
   if isinstance(v, (np.floating, np.integer)):
     return v.item()
@@ -457,6 +443,6 @@ def write_result(result: DpSgdResult, output_dir: str, extra: Optional[dict] = N
   json_path = os.path.join(output_dir, 'result.json')
   md_path = os.path.join(output_dir, 'result.md')
   # json.dumps writes inf as Infinity, which Python's json reads back.
-  _write_atomic(json_path, json.dumps(record, indent=2, default=_json_default) + '\n')
-  _write_atomic(md_path, result_markdown(result, extra))
+  atomic.write(json_path, json.dumps(record, indent=2, default=_json_default) + '\n')
+  atomic.write(md_path, result_markdown(result, extra))
   return json_path, md_path

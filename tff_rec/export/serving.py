@@ -68,6 +68,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow_serving.config import model_server_config_pb2
 
+from tff_rec import atomic
 from tff_rec.data import ratings as ratings_lib
 from tff_rec.export import warmup
 from tff_rec.models import base
@@ -475,16 +476,7 @@ def write_models_config(export_base: str, model_name: str) -> str:
       break
   else:
     entries.add(name=model_name, base_path=base_path, model_platform='tensorflow')
-  fd, tmp = tempfile.mkstemp(prefix='.models.config.', dir=export_base)
-  try:
-    with os.fdopen(fd, 'w') as f:
-      f.write(text_format.MessageToString(config))
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-  return path
+  return atomic.write(path, text_format.MessageToString(config))
 
 
 def read_models_config(path: str) -> model_server_config_pb2.ModelServerConfig:

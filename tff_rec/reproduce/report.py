@@ -16,9 +16,9 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 from typing import Any, Mapping, Optional, Sequence
 
+from tff_rec import atomic
 from tff_rec import version
 from tff_rec.reproduce import harness
 
@@ -26,20 +26,6 @@ CSV_NAME = 'table.csv'
 MARKDOWN_NAME = 'table.md'
 PLOT_NAME = 'table.png'
 MANIFEST_NAME = 'manifest.json'
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path), suffix='.tmp', dir=directory)
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
 
 
 def machine_info() -> dict:
@@ -346,9 +332,9 @@ def write_outputs(table: harness.TableSpec, run: harness.TableRun, options: harn
   }
   paths = {name: os.path.join(out, name)
            for name in (CSV_NAME, MARKDOWN_NAME, PLOT_NAME, MANIFEST_NAME)}
-  _atomic_write(paths[CSV_NAME], to_csv(table, run.rows, beats).encode())
-  _atomic_write(paths[MARKDOWN_NAME], to_markdown(table, run.rows, beats, summary).encode())
-  _atomic_write(paths[PLOT_NAME], plot_png(table, run.rows))
+  atomic.write(paths[CSV_NAME], to_csv(table, run.rows, beats).encode())
+  atomic.write(paths[MARKDOWN_NAME], to_markdown(table, run.rows, beats, summary).encode())
+  atomic.write(paths[PLOT_NAME], plot_png(table, run.rows))
   manifest = {
       'table': table.name,
       'title': table.title,
@@ -381,7 +367,7 @@ def write_outputs(table: harness.TableSpec, run: harness.TableRun, options: harn
           'params': harness._canonical(r.cell.params),  # pylint: disable=protected-access
       } for r in run.results],
   }
-  _atomic_write(paths[MANIFEST_NAME],
+  atomic.write(paths[MANIFEST_NAME],
                 (json.dumps(manifest, indent=2, default=str) + '\n').encode())
   return paths
 

@@ -10,6 +10,7 @@ from typing import Any, Mapping
 
 import tensorflow as tf
 
+from tff_rec import atomic
 from tff_rec.data import ratings as ratings_lib
 
 FINAL_MODEL_DIR = 'final_model'
@@ -18,18 +19,7 @@ MODEL_CONFIG_FILE = 'model_config.json'
 
 def write_json(path: str, value: Any) -> None:
   """Writes `value` as JSON to `path` atomically."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path), dir=directory)
-  try:
-    with os.fdopen(fd, 'w') as f:
-      json.dump(value, f, indent=2, sort_keys=False, default=_jsonable)
-      f.write('\n')
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  atomic.write(path, json.dumps(value, indent=2, sort_keys=False, default=_jsonable) + '\n')
 
 
 def _jsonable(v):
