@@ -47,6 +47,8 @@ _SEEDS = flags.DEFINE_list('seeds', None, 'Seeds (repetitions). Default 0,1,2; w
 _QUICK = flags.DEFINE_bool('quick', False, 'Smoke test: few users, rounds and epochs.')
 _MAX_ROUNDS = flags.DEFINE_integer('max_rounds', 100, 'Cap on federated rounds (0: no cap, e.g. '
                                    'the 500 rounds of the FedRecon google-research baseline).')
+_MAX_EPOCHS = flags.DEFINE_integer('max_epochs', 0, 'Cap on the central epochs of the ncf_ml1m '
+                                   'table (0: no cap, the paper\'s 20).')
 _ROWS = flags.DEFINE_list('rows', [], 'Only the rows whose label contains one of these.')
 _PROGRESS = flags.DEFINE_bool('progress_bar', False, 'Progress bars of the training runs.')
 _LIST = flags.DEFINE_bool('list_cells', False, 'Print the cells (and whether done) and exit.')
@@ -67,6 +69,8 @@ def options_from_flags() -> harness.RunOptions:
     seeds = table.default_quick_seeds if _QUICK.value else (0, 1, 2)
   if _MAX_ROUNDS.value < 0:
     raise app.UsageError(f'--max_rounds must be >= 0, got {_MAX_ROUNDS.value}')
+  if _MAX_EPOCHS.value < 0:
+    raise app.UsageError(f'--max_epochs must be >= 0, got {_MAX_EPOCHS.value}')
   paths = {}
   for flag, name in ((_ML100K, common.ML100K), (_ML1M, common.ML1M), (_NCF, common.NCF_ML1M)):
     if flag.value:
@@ -79,14 +83,14 @@ def options_from_flags() -> harness.RunOptions:
       'results', _TABLE.value, *(['quick'] if _QUICK.value else []))
   return harness.RunOptions(
       output_dir=output_dir, seeds=seeds, quick=_QUICK.value,
-      max_rounds=_MAX_ROUNDS.value or None, data_dir=_DATA_DIR.value, data_paths=paths,
+      max_rounds=_MAX_ROUNDS.value or None, max_epochs=_MAX_EPOCHS.value or None, data_dir=_DATA_DIR.value, data_paths=paths,
       rows=tuple(_ROWS.value), progress_bar=_PROGRESS.value)
 
 
 def flag_values() -> dict:
   """The values of this binary's flags (for the manifest)."""
   names = ('table', 'output_dir', 'data_dir', 'ml_100k', 'ml_1m', 'ncf_ml_1m', 'seeds', 'quick',
-           'max_rounds', 'rows', 'progress_bar')
+           'max_rounds', 'max_epochs', 'rows', 'progress_bar')
   return {n: FLAGS[n].value for n in names}
 
 

@@ -125,3 +125,13 @@ def test_flag_files_name_their_table_and_known_flags():
         values[key] = value
     assert values['table'] == name
     assert set(values) <= known, set(values) - known
+
+
+def test_epoch_cap_applies_to_the_ncf_central_cells():
+  table = tables.get('ncf_ml1m')
+  capped = table.build_cells(harness.RunOptions('/o', seeds=(0,), max_epochs=3))
+  full = table.build_cells(harness.RunOptions('/o', seeds=(0,)))
+  epochs = {c.name: c.params['central']['epochs'] for c in capped if 'central' in c.params}
+  assert epochs and set(epochs.values()) == {3}
+  assert {c.params['central']['epochs'] for c in full if 'central' in c.params} == {20}
+  assert common.capped_epochs(harness.RunOptions('/o', max_epochs=None), 20) == 20

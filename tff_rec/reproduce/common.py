@@ -130,6 +130,13 @@ def capped_rounds(options: harness.RunOptions, rounds: int) -> int:
   return rounds
 
 
+def capped_epochs(options: harness.RunOptions, epochs: int) -> int:
+  """`epochs`, capped by --max_epochs."""
+  if options.max_epochs:
+    return min(epochs, int(options.max_epochs))
+  return epochs
+
+
 def federated_run_dir(ctx: harness.CellContext, rounds: int) -> str:
   """The cell's run directory, unless it holds a checkpoint past `rounds`.
 

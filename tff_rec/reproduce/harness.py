@@ -89,6 +89,7 @@ class RunOptions:
   seeds: tuple[int, ...] = (0, 1, 2)
   quick: bool = False
   max_rounds: Optional[int] = None  # cap on federated rounds (None: no cap)
+  max_epochs: Optional[int] = None  # cap on the NCF table's central epochs (None: no cap)
   data_dir: Optional[str] = None  # a folder holding ml-100k.zip, ml-1m.zip, ncf-ml-1m.zip
   data_paths: Mapping[str, str] = dataclasses.field(default_factory=dict)  # per data set
   rows: tuple[str, ...] = ()  # only rows whose label contains one of these

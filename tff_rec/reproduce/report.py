@@ -343,6 +343,7 @@ def write_outputs(table: harness.TableSpec, run: harness.TableRun, options: harn
       'options': {
           'output_dir': options.output_dir, 'seeds': list(options.seeds),
           'quick': options.quick, 'max_rounds': options.max_rounds,
+          'max_epochs': options.max_epochs,
           'data_dir': options.data_dir, 'data_paths': dict(options.data_paths),
           'rows': list(options.rows),
       },
