@@ -384,8 +384,8 @@ def _fr_central(s: _FrSetting, cfg: central.CentralConfig, seed: int,
 # 3. ncf_ml1m
 
 
-NCF_SOURCE = ('He et al., WWW 2017 (factors 8); values as given in the reproduction brief, '
-              'to be checked against the paper\'s Figure 4 / Table 2')
+NCF_SOURCE = ('He et al., WWW 2017, ML-1M, 8 predictive factors: approximate values read off '
+              'the paper\'s Figure 4 (GMF, MLP) and Table 2 (NeuMF with pre-training)')
 NCF_PUBLISHED = {
     'gmf': {'hr@10': 0.70, 'ndcg@10': 0.42},
     'mlp': {'hr@10': 0.69, 'ndcg@10': 0.41},
