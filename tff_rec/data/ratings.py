@@ -9,6 +9,7 @@ from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 
+from tff_rec import atomic
 from tff_rec.data import errors
 
 
@@ -74,13 +75,12 @@ class IdIndex:
 
   def save(self, path: str) -> None:
     """Writes the raw ids, one per line in index order, atomically."""
-    tmp = f'{path}.tmp-{os.getpid()}'
-    with open(tmp, 'w', encoding='utf-8') as f:
-      for r in self.raw_ids.tolist():
-        if '\n' in r:
-          raise ValueError(f'raw id {r!r} contains a newline')
-        f.write(r + '\n')
-    os.replace(tmp, path)
+    lines = []
+    for r in self.raw_ids.tolist():
+      if '\n' in r:
+        raise ValueError(f'raw id {r!r} contains a newline')
+      lines.append(r + '\n')
+    atomic.write(path, ''.join(lines))
 
   @classmethod
   def load(cls, path: str) -> 'IdIndex':
@@ -192,10 +192,7 @@ class Ratings:
     self.item_index.save(os.path.join(directory, 'item_ids.txt'))
     meta = {'rating_scale': list(self.rating_scale), 'name': self.name,
             'num_users': self.num_users, 'num_items': self.num_items}
-    tmp = os.path.join(directory, f'.dataset.json.tmp-{os.getpid()}')
-    with open(tmp, 'w') as f:
-      json.dump(meta, f, indent=2)
-    os.replace(tmp, os.path.join(directory, 'dataset.json'))
+    atomic.write(os.path.join(directory, 'dataset.json'), json.dumps(meta, indent=2))
 
 
 def load_id_maps(directory: str) -> tuple[IdIndex, IdIndex]:

@@ -50,6 +50,17 @@ def _asdict(x: Any) -> Any:
   return dataclasses.asdict(x) if dataclasses.is_dataclass(x) else x
 
 
+def _federated_params(base: dict, cfg: experiment.FederatedConfig, **extra: Any) -> dict:
+  """A federated cell's params: its config, with the round count kept top-level.
+
+  `total_rounds` is a resumable key (left out of the run directory's hash), so a
+  run capped by --max_rounds resumes into a longer one.
+  """
+  params = dict(base, config=_asdict(cfg), **extra, total_rounds=cfg.total_rounds)
+  params['config'].pop('total_rounds')
+  return params
+
+
 # ---------------------------------------------------------------------------
 # 1. central_baselines
 
@@ -281,8 +292,7 @@ def fedrecon_table() -> harness.TableSpec:
                           functools.partial(_fr_trivial, s, seed)))
         for algorithm, out_rows in (('fedrecon', (FR_RECON,)), ('fedavg', (FR_FEDAVG, FR_FT))):
           cfg = fr_config(s, algorithm, seed, rounds)
-          params = dict(base, config=_asdict(cfg), total_rounds=rounds)
-          params['config'].pop('total_rounds')
+          params = _federated_params(base, cfg)
           cells.append(Cell(f'{tag}-{algorithm}-s{seed}', out_rows, s.label, seed, params,
                             functools.partial(_fr_federated, s, cfg, out_rows)))
         central_cfg = _fr_central_config(s, seed)
@@ -464,8 +474,7 @@ def ncf_table() -> harness.TableSpec:
                           functools.partial(_ncf_central, s, cfg, label)))
         for algorithm, how in (('fedavg', 'FedAvg'), ('fedrecon', 'FedRecon')):
           fcfg = ncf_fed_config(model, algorithm, seed, rounds, s.clients_per_round)
-          params = dict(base, config=_asdict(fcfg), total_rounds=rounds)
-          params['config'].pop('total_rounds')
+          params = _federated_params(base, fcfg)
           label = _ncf_label(model, how)
           cells.append(Cell(f'{model}-{algorithm}-s{seed}', (label,), '', seed, params,
                             functools.partial(_ncf_federated, s, fcfg, label)))
@@ -638,8 +647,7 @@ def privacy_table() -> harness.TableSpec:
                         functools.partial(_pv_trivial, s, seed)))
       for row in _pv_rows():
         cfg = pv_config(row, s, seed, rounds)
-        params = dict(base, config=_asdict(cfg), dp=_asdict(row), total_rounds=rounds)
-        params['config'].pop('total_rounds')
+        params = _federated_params(base, cfg, dp=_asdict(row))
         name = f'{row.algorithm}-{row.mode}-z{row.noise_multiplier:g}-s{seed}'
         cells.append(Cell(name, (row.label,), '', seed, params,
                           functools.partial(_pv_federated, s, row, cfg)))
@@ -883,9 +891,7 @@ def compression_table() -> harness.TableSpec:
                         functools.partial(_cp_comm_trivial, s, seed)))
       for variant, (mode, clip, label) in CP_COMM_VARIANTS.items():
         cfg = _cp_fed_config(s, seed, rounds)
-        params = dict(base, config=_asdict(cfg), mode=mode, zeroing_and_clipping=clip,
-                      total_rounds=rounds)
-        params['config'].pop('total_rounds')
+        params = _federated_params(base, cfg, mode=mode, zeroing_and_clipping=clip)
         cells.append(Cell(f'comm-{variant}-s{seed}', (label,), CP_COMM, seed, params,
                           functools.partial(_cp_comm, s, cfg, mode, clip, label)))
     return cells

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import csv
 import dataclasses
+import io
 import os
 import time
 from typing import Optional
@@ -14,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 import tqdm
 
+from tff_rec import atomic
 from tff_rec import version
 from tff_rec.data import centralized
 from tff_rec.data import splits as splits_lib
@@ -149,10 +151,9 @@ def run_central(config: CentralConfig, split: Optional[splits_lib.Split] = None)
 
 
 def _write_history(path: str, rows: list) -> None:
-  tmp = path + '.tmp'
   keys = list(rows[0].keys()) if rows else ['epoch']
-  with open(tmp, 'w', newline='') as f:
-    writer = csv.DictWriter(f, fieldnames=keys)
-    writer.writeheader()
-    writer.writerows(rows)
-  os.replace(tmp, path)
+  out = io.StringIO(newline='')
+  writer = csv.DictWriter(out, fieldnames=keys)
+  writer.writeheader()
+  writer.writerows(rows)
+  atomic.write(path, out.getvalue())
