@@ -5,19 +5,22 @@ Post-training storage (`storage_fn('int8' | 'float16')`, used by
 with layers that *store* compressed variables and dequantize in the graph, so
 the SavedModel's `variables/` shrink while it stays a plain TF graph:
 
-* int8: symmetric, `w ~= q * scale` with `q` int8 in [-127, 127] and a float32
+* int8: symmetric, `w ~= q * scale` with `q` int8 in [-127, 127] and
   `scale = max|row| / 127` per row of an embedding table (per item / user) and
   per output unit of a Dense kernel; one scale per tensor for 1-wide tables
-  (the biases: a per-row scale would cost more than the value). Lookups
-  gather the int8 rows and their scales, then multiply. Dense biases and the
-  global bias stay float32. Max error per weight: scale / 2.
+  (the biases: a per-row scale would cost more than the value). A table's
+  per-row scales are stored as float16 when every one of them is a normal
+  float16 number (else float32); `q` is computed with the stored (rounded)
+  scale, so the error bound is unchanged. Lookups gather the int8 rows and
+  their scales, then multiply. Dense biases and the global bias stay float32.
+  Max error per weight: scale / 2.
 * float16: every embedding table and Dense kernel stored as float16 and cast
   to float32 on read.
 
 Quantization-aware training (`qat_finetune`): TF-MOT's `quantize_apply` on
 the Dense layers (default 8-bit scheme) and on the embedding tables through
 `EmbeddingQuantizeConfig`, whose fake quantizer is exactly the per-row int8
-scheme above, so the fine-tuned float weights are those that the int8 export
+scheme above (float16 scale rounding included), so the fine-tuned float weights are those that the int8 export
 reproduces best. Models with weighted layers of other kinds raise
 `UnsupportedModelError`.
 """
@@ -48,12 +51,11 @@ class UnsupportedModelError(ValueError):
 # Int8 math.
 
 
-def quantize_int8(w: np.ndarray, axis: Optional[int]) -> tuple[np.ndarray, np.ndarray]:
-  """Symmetric int8 of `w` with one scale per slice along `axis` (None: per tensor).
+_F16_MIN_NORMAL = float(np.finfo(np.float16).tiny)
+_F16_MAX = float(np.finfo(np.float16).max)
 
-  `axis=0` of an [N, D] table gives a scale per row ([N, 1]); `axis=1` of a
-  [in, out] kernel gives one per output unit ([1, out]).
-  """
+
+def _int8_scales(w: np.ndarray, axis: Optional[int]) -> np.ndarray:
   w = np.asarray(w, np.float32)
   if axis is None:
     amax = np.full([1] * w.ndim, np.max(np.abs(w)) if w.size else 0.0, np.float32)
@@ -62,12 +64,32 @@ def quantize_int8(w: np.ndarray, axis: Optional[int]) -> tuple[np.ndarray, np.nd
     amax = np.max(np.abs(w), axis=reduce, keepdims=True)
   scale = (amax / _QMAX).astype(np.float32)
   scale[scale == 0] = 1.0
-  q = np.clip(np.round(w / scale), -_QMAX, _QMAX).astype(np.int8)
+  return scale
+
+
+def scale_dtype_for(w: np.ndarray, axis: Optional[int]) -> str:
+  """'float16' if every int8 scale of `w` is a normal float16 number, else 'float32'."""
+  scale = _int8_scales(w, axis)
+  ok = scale.size == 0 or (scale.min() >= _F16_MIN_NORMAL and scale.max() <= _F16_MAX)
+  return 'float16' if ok else 'float32'
+
+
+def quantize_int8(w: np.ndarray, axis: Optional[int],
+                  scale_dtype: str = 'float32') -> tuple[np.ndarray, np.ndarray]:
+  """Symmetric int8 of `w` with one scale per slice along `axis` (None: per tensor).
+
+  `axis=0` of an [N, D] table gives a scale per row ([N, 1]); `axis=1` of a
+  [in, out] kernel gives one per output unit ([1, out]). The scale is returned
+  as `scale_dtype`, and `q` is rounded against that stored value.
+  """
+  w = np.asarray(w, np.float32)
+  scale = _int8_scales(w, axis).astype(scale_dtype)
+  q = np.clip(np.round(w / scale.astype(np.float32)), -_QMAX, _QMAX).astype(np.int8)
   return q, scale
 
 
 def dequantize_int8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
-  return q.astype(np.float32) * scale
+  return q.astype(np.float32) * scale.astype(np.float32)
 
 
 def _fake_quant_rows(w: tf.Tensor) -> tf.Tensor:
@@ -75,11 +97,15 @@ def _fake_quant_rows(w: tf.Tensor) -> tf.Tensor:
 
   One scale per row of a [N, D>1] table, one per tensor otherwise.
   """
-  if w.shape.rank == 2 and w.shape[1] > 1:
+  per_row = w.shape.rank == 2 and w.shape[1] > 1
+  if per_row:
     amax = tf.reduce_max(tf.abs(w), axis=1, keepdims=True)
   else:
     amax = tf.reduce_max(tf.abs(w))
   scale = tf.where(amax > 0, amax / _QMAX, tf.ones_like(amax))
+  if per_row:  # float16 scales when all are normal float16 numbers (`scale_dtype_for`)
+    fits = tf.reduce_all((scale >= _F16_MIN_NORMAL) & (scale <= _F16_MAX))
+    scale = tf.where(fits, tf.cast(tf.cast(scale, tf.float16), tf.float32), scale)
   q = tf.clip_by_value(tf.round(w / scale), -_QMAX, _QMAX) * scale
   return w + tf.stop_gradient(q - w)
 
@@ -89,39 +115,43 @@ def _fake_quant_rows(w: tf.Tensor) -> tf.Tensor:
 
 
 class Int8EmbeddingLookup(tf.keras.layers.Layer):
-  """An embedding table stored as int8 rows with float32 scales."""
+  """An embedding table stored as int8 rows with float16 or float32 scales."""
 
-  def __init__(self, input_dim: int, output_dim: int, **kwargs):
+  def __init__(self, input_dim: int, output_dim: int, scale_dtype: str = 'float32', **kwargs):
     super().__init__(**kwargs)
+    if scale_dtype not in ('float16', 'float32'):
+      raise ValueError(f'scale_dtype must be float16 or float32, got {scale_dtype!r}')
     self.input_dim = int(input_dim)
     self.output_dim = int(output_dim)
+    self.scale_dtype = scale_dtype
     self.per_row = self.output_dim > 1
 
   def build(self, input_shape):
     self.quantized = self.add_weight(name='quantized', shape=(self.input_dim, self.output_dim),
                                      dtype=tf.int8, initializer='zeros', trainable=False)
     self.scale = self.add_weight(name='scale', shape=(self.input_dim if self.per_row else 1, 1),
-                                 initializer='ones', trainable=False)
+                                 dtype=self.scale_dtype, initializer='ones', trainable=False)
     super().build(input_shape)
 
   def call(self, ids):
     rows = tf.cast(tf.gather(self.quantized, ids), tf.float32)
     scale = tf.gather(self.scale, ids) if self.per_row else self.scale
-    return rows * scale
+    return rows * tf.cast(scale, tf.float32)
 
   def full_table(self) -> tf.Tensor:
-    return tf.cast(self.quantized, tf.float32) * self.scale
+    return tf.cast(self.quantized, tf.float32) * tf.cast(self.scale, tf.float32)
 
   def set_float(self, table: np.ndarray) -> float:
     """Stores a float table; returns the max abs quantization error."""
-    q, scale = quantize_int8(table, 0 if self.per_row else None)
+    q, scale = quantize_int8(table, 0 if self.per_row else None, self.scale_dtype)
     self.quantized.assign(q)
     self.scale.assign(scale)
     return float(np.max(np.abs(dequantize_int8(q, scale) - table))) if table.size else 0.0
 
   def get_config(self):
     config = super().get_config()
-    config.update(input_dim=self.input_dim, output_dim=self.output_dim)
+    config.update(input_dim=self.input_dim, output_dim=self.output_dim,
+                  scale_dtype=self.scale_dtype)
     return config
 
 
@@ -264,6 +294,11 @@ def quantize_storage(model: tf.keras.Model, mode: str) -> tuple[tf.keras.Model, 
 
   def clone(layer):
     if isinstance(layer, base.EmbeddingLookup):
+      if mode == 'int8':
+        table = layer.get_weights()[0]
+        dtype = scale_dtype_for(table, 0) if layer.output_dim > 1 else 'float32'
+        return Int8EmbeddingLookup(layer.input_dim, layer.output_dim, scale_dtype=dtype,
+                                   name=layer.name)
       return _TABLE_LAYERS[mode](layer.input_dim, layer.output_dim, name=layer.name)
     if isinstance(layer, tf.keras.layers.Dense):
       return _DENSE_LAYERS[mode](layer.units, activation=layer.activation,
@@ -278,7 +313,10 @@ def quantize_storage(model: tf.keras.Model, mode: str) -> tuple[tf.keras.Model, 
     new = stored.get_layer(layer.name)
     if isinstance(layer, base.EmbeddingLookup):
       err = new.set_float(layer.get_weights()[0])
-      rows.append((layer.name, f'{mode}{" per-row" if getattr(new, "per_row", False) else ""}', err))
+      form = mode
+      if getattr(new, 'per_row', False):
+        form += f' per-row ({new.scale_dtype} scales)'
+      rows.append((layer.name, form, err))
     elif isinstance(layer, tf.keras.layers.Dense):
       weights = layer.get_weights()
       err = new.set_float(weights[0], weights[1] if layer.use_bias else None)

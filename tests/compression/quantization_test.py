@@ -51,7 +51,31 @@ def test_storage_clone_stores_compressed_weights(mf, mode, tolerance):
   names = dict((n, kind) for n, kind, _ in report.layers)
   assert names['global_bias'] == 'float32'
   if mode == 'int8':
-    assert names['item_embedding'] == 'int8 per-row' and names['item_bias'] == 'int8'
+    assert names['item_embedding'] == 'int8 per-row (float16 scales)'
+    assert names['item_bias'] == 'int8'
+    scales = [w for w in stored.weights if w.name == 'item_embedding/scale:0']
+    assert scales and scales[0].dtype == tf.float16
+
+
+def test_float16_scales_keep_the_error_bound():
+  w = np.random.default_rng(1).normal(size=(40, 8)).astype(np.float32)
+  assert quantization.scale_dtype_for(w, 0) == 'float16'
+  q, scale = quantization.quantize_int8(w, 0, 'float16')
+  assert scale.dtype == np.float16
+  err = np.abs(quantization.dequantize_int8(q, scale) - w)
+  assert np.all(err <= scale.astype(np.float32) / 2 + 1e-7)
+
+
+@pytest.mark.parametrize('magnitude', [1e-7, 1e8])
+def test_scales_outside_float16_range_stay_float32(magnitude):
+  w = np.random.default_rng(2).normal(size=(10, 4)).astype(np.float32)
+  w[0] *= magnitude  # one row whose scale float16 cannot hold
+  assert quantization.scale_dtype_for(w, 0) == 'float32'
+  layer = quantization.Int8EmbeddingLookup(10, 4, scale_dtype='float32')
+  layer.build(None)
+  assert layer.set_float(w) <= np.abs(w).max(axis=1).max() / 127 / 2 + 1e-6
+  step = np.abs(w[0]).max() / 127
+  assert np.all(np.abs(layer.full_table().numpy()[0] - w[0]) <= step / 2 * (1 + 1e-5))
 
 
 @pytest.mark.parametrize('name,hparams', [
