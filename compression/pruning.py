@@ -17,13 +17,11 @@ the target over the first 70% of the fine-tuning steps (TF-MOT's
 are a small share of the parameters and carry the popularity signal. Layers
 named in `exclude` (FedRecon's on-device user rows) are not pruned.
 
-Federated fine-tuning is not implemented: a pruning wrapper adds mask,
-threshold and step variables that TFF's `from_keras_model` would treat as
-non-trainable model weights, broadcast and (for FedAvg) average across
-clients, and the `UpdatePruningStep` callback has no place in a TFF client
-update. Doing it would need a custom client work that recomputes masks on
-the server from the aggregated weights (e.g. `tff.learning.templates`
-`ClientWorkProcess` plus a server-side mask update) — not done here.
+Federated fine-tuning is `compression.federated_finetune`: prune here
+(e.g. one-shot, `finetune_epochs=0`), then FedAvg / FedRecon rounds with the
+zero pattern fixed as a mask (TF-MOT's wrapper itself does not fit a TFF
+client update: its mask and step variables would be broadcast and averaged,
+and its `UpdatePruningStep` callback has no place there).
 """
 
 from __future__ import annotations

@@ -5,6 +5,12 @@
       --prune_sparsity=0.8 --finetune_epochs=2 --quantize=int8 --tflite=dynamic \
       --exclude_seen --unknown_user=cold_start
 
+  # One-shot magnitude pruning, then federated fine-tuning with the zeros fixed
+  # (FedAvg, or FedRecon for runs with on-device user rows):
+  python -m experiments.compress_and_export --run_dir=runs/fedrecon_mf \
+      --export_base=exports --model_name=mf --prune_sparsity=0.8 \
+      --finetune=federated --federated_rounds=20 --federated_clients_per_round=50
+
 Writes `<export_base>/<model_name>/<version>/` (SavedModel with warmup
 requests), updates `<export_base>/models.config`, and puts the TFLite file
 and `compression_report.{csv,md}` (float32 baseline vs the compressed export:
@@ -28,16 +34,19 @@ from absl import flags
 from absl import logging
 import numpy as np
 
+from compression import federated_finetune
 from compression import pruning
 from compression import quantization
 from compression import report
 from compression import tflite_export
+from tff_rec import runtime
 from tff_rec.data import splits as splits_lib
 from tff_rec.export import serving
 from tff_rec.training import artifacts
 from tff_rec.training import data_setup
 
 QUANTIZE = ('none', 'int8', 'float16', 'qat')
+FINETUNE = ('central', 'federated')
 TFLITE = ('none', 'dynamic', 'int8')
 
 _RUN_DIR = flags.DEFINE_string('run_dir', None, 'Training run directory (with final_model/).')
@@ -53,6 +62,16 @@ _PRUNE_SCHEDULE = flags.DEFINE_enum('prune_schedule', 'polynomial', list(pruning
 _PRUNE_BIASES = flags.DEFINE_bool('prune_biases', False, 'Also prune 1-wide (bias) tables.')
 _FINETUNE_EPOCHS = flags.DEFINE_integer('finetune_epochs', 1,
                                         'Central fine-tuning epochs (pruning and QAT).')
+_FINETUNE = flags.DEFINE_enum(
+    'finetune', 'central', list(FINETUNE),
+    'Pruning fine-tuning: central (TF-MOT schedule with Keras fit) or federated (one-shot '
+    'pruning, then FedAvg/FedRecon rounds with the zeros fixed).')
+_FED_ROUNDS = flags.DEFINE_integer('federated_rounds', 10, 'Federated fine-tuning rounds.')
+_FED_CLIENTS = flags.DEFINE_integer('federated_clients_per_round', 50,
+                                    'Federated fine-tuning clients per round.')
+_FED_CLIENT_LR = flags.DEFINE_float('federated_client_learning_rate', 0.1,
+                                    'Federated fine-tuning client SGD learning rate.')
+_FED_BATCH = flags.DEFINE_integer('federated_batch_size', 16, 'Federated fine-tuning client batch size.')
 _FINETUNE_L2 = flags.DEFINE_float('finetune_l2', None,
                                   'Row L2 of the tables while fine-tuning a pruned model (default: the model\'s).')
 _FINETUNE_LR = flags.DEFINE_float('finetune_learning_rate', 1e-3, 'Adam learning rate of fine-tuning.')
@@ -87,6 +106,8 @@ class PipelineConfig:
   finetune_learning_rate: float = 1e-3
   finetune_l2: Optional[float] = None
   batch_size: int = 256
+  finetune: str = 'central'
+  federated: federated_finetune.FederatedFinetuneConfig = federated_finetune.FederatedFinetuneConfig()
   quantize: str = 'none'
   tflite: str = 'none'
   export: serving.ExportOptions = serving.ExportOptions()
@@ -105,6 +126,10 @@ class PipelineConfig:
                        'the pruned weights; use quantize=int8 after pruning')
     if self.quantize == 'qat' and self.finetune_epochs <= 0:
       raise ValueError('quantize=qat needs finetune_epochs > 0')
+    if self.finetune not in FINETUNE:
+      raise ValueError(f'finetune must be one of {list(FINETUNE)}, got {self.finetune!r}')
+    if self.finetune == 'federated' and not self.prune_sparsity:
+      raise ValueError('finetune=federated fine-tunes a pruned model; set --prune_sparsity')
     if self.prune_sparsity:
       self.pruning_config()  # Validates the schedule / epochs combination.
     if self.latency_requests <= 0:
@@ -112,10 +137,13 @@ class PipelineConfig:
 
   @property
   def needs_data(self) -> bool:
-    return bool((self.prune_sparsity and self.finetune_epochs) or self.quantize == 'qat'
-                or self.export.exclude_seen or self.report)
+    return bool((self.prune_sparsity and (self.finetune_epochs or self.finetune == 'federated'))
+                or self.quantize == 'qat' or self.export.exclude_seen or self.report)
 
   def pruning_config(self) -> pruning.PruningConfig:
+    if self.finetune == 'federated':  # one-shot magnitude pruning; the rounds fine-tune
+      return pruning.PruningConfig(target_sparsity=self.prune_sparsity, schedule='constant',
+                                   finetune_epochs=0, prune_biases=self.prune_biases)
     return pruning.PruningConfig(
         target_sparsity=self.prune_sparsity, schedule=self.prune_schedule,
         finetune_epochs=self.finetune_epochs, batch_size=self.batch_size,
@@ -141,7 +169,9 @@ _FLAG_OF = {'quantize': 'quantize', 'tflite': 'tflite', 'prune_sparsity': 'prune
             'latency_requests': 'latency_requests', 'recon_l2': 'recon_l2',
             'unknown_user': 'unknown_user', 'unknown_item': 'unknown_item',
             'warmup_k': 'warmup_k', 'batch_size': 'finetune_batch_size',
-            'finetune_l2': 'finetune_l2'}
+            'finetune_l2': 'finetune_l2', 'finetune': 'finetune', 'rounds': 'federated_rounds',
+            'clients_per_round': 'federated_clients_per_round',
+            'learning rates': 'federated_client_learning_rate'}
 
 
 def _flag_for(message: str) -> str:
@@ -173,7 +203,10 @@ def config_from_flags() -> PipelineConfig:
         prune_sparsity=_PRUNE_SPARSITY.value, prune_schedule=_PRUNE_SCHEDULE.value,
         prune_biases=_PRUNE_BIASES.value, finetune_epochs=_FINETUNE_EPOCHS.value,
         finetune_learning_rate=_FINETUNE_LR.value, finetune_l2=_FINETUNE_L2.value,
-        batch_size=_BATCH_SIZE.value,
+        batch_size=_BATCH_SIZE.value, finetune=_FINETUNE.value,
+        federated=federated_finetune.FederatedFinetuneConfig(
+            rounds=_FED_ROUNDS.value, clients_per_round=_FED_CLIENTS.value,
+            client_learning_rate=_FED_CLIENT_LR.value, batch_size=_FED_BATCH.value),
         quantize=_QUANTIZE.value, tflite=_TFLITE.value, export=options, report=_REPORT.value,
         latency_requests=_LATENCY_REQUESTS.value)
   except ValueError as e:
@@ -248,6 +281,13 @@ def run(config: PipelineConfig) -> PipelineResult:
                            exclude=[layer.name for layer in rec.local_layers])
     model, sparsity = result.model, result.sparsity
     logging.info('pruned %s: %s', result.pruned_layers, sparsity)
+    if config.finetune == 'federated':
+      runtime.ensure_context()
+      tuned = federated_finetune.finetune(
+          model, model_config, split.train, config.federated,
+          os.path.join(config.artifacts_dir, 'federated_finetune'))
+      model, sparsity = tuned.model, tuned.sparsity
+      logging.info('federated fine-tuning, last round: %s', tuned.metrics)
   storage = config.quantize
   if config.quantize == 'qat':
     model, losses = quantization.qat_finetune(model, task, split.train, quantization.QatConfig(
@@ -270,7 +310,8 @@ def run(config: PipelineConfig) -> PipelineResult:
     report_paths = report.write_report(rows, config.artifacts_dir, extra={
         'run_dir': config.run_dir, 'model': model_config['model'],
         'user_embedding': model_config['user_embedding'], 'quantize': config.quantize,
-        'prune_sparsity': config.prune_sparsity, 'sparsity_per_weight': sparsity})
+        'prune_sparsity': config.prune_sparsity, 'finetune': config.finetune,
+        'sparsity_per_weight': sparsity})
   return PipelineResult(exported, tflite_path, report_paths, rows, sparsity)
 
 
@@ -307,7 +348,7 @@ def _report_rows(config, float_model, model, storage, model_config, user_index, 
 def _variant_name(config: PipelineConfig, storage: str) -> str:
   parts = []
   if config.prune_sparsity:
-    parts.append(f'pruned{config.prune_sparsity:g}')
+    parts.append(f'pruned{config.prune_sparsity:g}' + ('-federated' if config.finetune == 'federated' else ''))
   parts.append('qat-int8' if config.quantize == 'qat' else storage if storage != 'none' else 'float32')
   return '+'.join(parts)
 

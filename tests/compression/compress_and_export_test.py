@@ -59,7 +59,25 @@ def test_fedrecon_float16_pipeline(fedrecon_run, tmp_path):
   assert np.isfinite(result.rows[1].metrics['rmse'])
 
 
+def test_federated_finetuning_pipeline(fedrecon_run, tff_context, tmp_path):
+  del tff_context
+  config = compress_and_export.PipelineConfig(
+      run_dir=fedrecon_run, export_base=str(tmp_path), model_name='recon', prune_sparsity=0.6,
+      finetune='federated', quantize='int8', latency_requests=10,
+      federated=compress_and_export.federated_finetune.FederatedFinetuneConfig(
+          rounds=2, clients_per_round=10, batch_size=8))
+  result = compress_and_export.run(config)
+  assert result.sparsity['item_embedding/embeddings:0'] == pytest.approx(0.6, abs=0.01)
+  assert [r.artifact for r in result.rows] == ['float32', 'pruned0.6-federated+int8']
+  assert np.isfinite(result.rows[1].metrics['rmse'])
+  assert os.path.isfile(os.path.join(config.artifacts_dir, 'federated_finetune', 'metrics.csv'))
+
+
 @pytest.mark.parametrize('overrides,message', [
+    (dict(finetune='federated'), '--finetune: finetune=federated fine-tunes a pruned model'),
+    (dict(prune_sparsity=0.5, finetune='federated', federated_rounds=0), '--federated_rounds'),
+    (dict(prune_sparsity=0.5, finetune='federated', federated_client_learning_rate=-1.0),
+     '--federated_client_learning_rate'),
     (dict(quantize='qat', prune_sparsity=0.5), '--quantize: quantize=qat with pruning'),
     (dict(prune_sparsity=0.5, prune_schedule='polynomial', finetune_epochs=0), '--prune_schedule'),
     (dict(prune_sparsity=1.5), '--prune_sparsity'),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Sequence
 
+import numpy as np
 import tensorflow as tf
 
 TASK_RATING = 'rating'  # explicit ratings, regression
@@ -88,6 +89,27 @@ class EmbeddingLookup(tf.keras.layers.Layer):
     self.output_dim = int(output_dim)
     self.l2 = float(l2)
     self.initializer = tf.keras.initializers.get(initializer)
+    self.mask = None
+
+  def set_mask(self, mask) -> None:
+    """Fixes a 0/1 sparsity pattern: looked-up rows are multiplied by it.
+
+    Masked entries then get no gradient (L2 included) and do not affect the
+    output, whatever value they hold (e.g. after DP noise on the server), so
+    a pruned table keeps its pattern while it is fine-tuned by FedAvg or
+    FedRecon. The mask is a graph constant, not a variable: it is neither
+    broadcast nor aggregated. `None` removes it.
+    """
+    if mask is None:
+      self.mask = None
+      return
+    mask = np.asarray(mask)
+    if mask.shape != (self.input_dim, self.output_dim):
+      raise ValueError(f'{self.name}: mask shape {mask.shape} != table shape '
+                       f'{(self.input_dim, self.output_dim)}')
+    if not np.isin(mask, (0, 1)).all():
+      raise ValueError(f'{self.name}: a mask holds only 0 and 1')
+    self.mask = mask.astype(np.uint8)
 
   def build(self, input_shape):
     self.embeddings = self.add_weight(
@@ -100,6 +122,8 @@ class EmbeddingLookup(tf.keras.layers.Layer):
 
   def call(self, ids):
     rows = tf.nn.embedding_lookup(self.embeddings, ids)
+    if self.mask is not None:
+      rows = rows * tf.cast(tf.gather(tf.constant(self.mask), ids), rows.dtype)
     if self.l2:
       rows = _row_l2(rows, self.l2)
     return rows

@@ -15,8 +15,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 import enum
-from typing import Callable, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
+import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
@@ -40,10 +41,20 @@ class ModelSpec:
   num_items: int
   task: str
   seed: int = 0
+  # Fixed 0/1 sparsity patterns of embedding tables, by layer name
+  # (`EmbeddingLookup.set_mask`): fine-tuning a pruned model keeps them.
+  masks: Optional[Mapping[str, np.ndarray]] = None
 
   def build(self, user_embedding: UserEmbedding) -> base.RecModel:
     personal = user_embedding != UserEmbedding.TABLE
-    return self.builder(self.num_users, self.num_items, personal=personal, seed=self.seed)
+    rec = self.builder(self.num_users, self.num_items, personal=personal, seed=self.seed)
+    for name, mask in (self.masks or {}).items():
+      layer = rec.keras_model.get_layer(name)
+      if not isinstance(layer, base.EmbeddingLookup):
+        raise ValueError(f'mask for {name!r}: only EmbeddingLookup tables take a fixed mask, '
+                         f'not {type(layer).__name__}')
+      layer.set_mask(mask)
+    return rec
 
 
 def loss_fn(task: str) -> Callable[[], tf.keras.losses.Loss]:
