@@ -10,10 +10,15 @@ exported SavedModels (TF Serving layout, `tff_rec.export.serving`):
 
 * int8 storage vs float32: export size (raw bytes of the version directory
   and of `variables/` only) and test RMSE change (targets: >= 3.5x smaller,
-  RMSE +0.005 at most);
-* 80% magnitude pruning (polynomial schedule, 3 epochs of central fine-tuning
-  at row L2 0.01): gzip size
-  of the export vs float32 and RMSE change (targets: >= 3x, +0.01 at most);
+  RMSE +0.005 at most), for the main model and for MF models of the other
+  `--compression_size_dims` (the graph and the id assets are a fixed cost,
+  so the whole-directory ratio grows with the embedding size);
+* magnitude pruning at each of `--compression_prune_sparsities` (polynomial
+  schedule, central fine-tuning): gzip size of the export vs float32 and RMSE
+  change; the targets (>= 3x, +0.01 at most) are read at
+  `--compression_prune_sparsity`. At that sparsity also: one-shot pruning
+  followed by `--compression_federated_rounds` rounds of federated
+  fine-tuning (FedAvg, `compression.federated_finetune`), and pruning + int8;
 * `recommend` top-10 over all items for one user per request, from the
   loaded SavedModel in this process on one core (intra- and inter-op
   parallelism 1, set before any op runs, so training runs on one thread
@@ -26,6 +31,7 @@ machine info and versions) and `compression_benchmark.md` to --output_dir.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import importlib.metadata
 import json
@@ -35,7 +41,7 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Sequence
+from typing import Optional, Sequence
 
 from absl import app
 from absl import flags
@@ -43,10 +49,12 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
+from compression import federated_finetune
 from compression import pruning
 from compression import quantization
 from compression import report
 from tff_rec import atomic
+from tff_rec import runtime
 from tff_rec import version
 from tff_rec.data import sources
 from tff_rec.data import splits
@@ -60,17 +68,29 @@ from tff_rec.training import optimizers
 _DATA_DIR = flags.DEFINE_string(
     'compression_data', os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                              'shared', 'data', 'ml-1m.zip'),
-    'ml-1m.zip (or its directory).')
+    'The MovieLens zip (or its directory).')
+_DATASET = flags.DEFINE_enum('compression_dataset', 'ml-1m', ['ml-1m', 'ml-100k'],
+                             'Which MovieLens --compression_data holds (ml-100k: smoke runs).')
 _OUTPUT_DIR = flags.DEFINE_string('compression_output_dir', 'runs/benchmarks/compression',
                                   'Where the JSON and Markdown results go.')
 _EPOCHS = flags.DEFINE_integer('compression_epochs', 8, 'Central MF training epochs.')
 _EMBEDDING_DIM = flags.DEFINE_integer('compression_embedding_dim', 32, 'MF factors.')
+_SIZE_DIMS = flags.DEFINE_list('compression_size_dims', ['64'],
+                               'Further MF sizes measured for int8 vs float32 only (empty: none).')
 _L2 = flags.DEFINE_float('compression_l2', 0.04, 'MF row L2.')
 _LEARNING_RATE = flags.DEFINE_float('compression_learning_rate', 0.002, 'Adam learning rate.')
 _BATCH_SIZE = flags.DEFINE_integer('compression_batch_size', 1024, 'Training batch size.')
-_PRUNE_SPARSITY = flags.DEFINE_float('compression_prune_sparsity', 0.8, 'Pruning target sparsity.')
+_PRUNE_SPARSITY = flags.DEFINE_float('compression_prune_sparsity', 0.8,
+                                     'The sparsity the pruning targets are read at.')
+_PRUNE_SPARSITIES = flags.DEFINE_list('compression_prune_sparsities', ['0.5', '0.6', '0.7', '0.8'],
+                                      'Sparsities measured (the target one is added).')
 _FINETUNE_EPOCHS = flags.DEFINE_integer('compression_finetune_epochs', 3, 'Pruning fine-tuning epochs.')
-_FINETUNE_L2 = flags.DEFINE_float('compression_finetune_l2', 0.01, 'Row L2 while fine-tuning the pruned model.')
+_FINETUNE_L2 = flags.DEFINE_float('compression_finetune_l2', None,
+                                  "Row L2 while fine-tuning the pruned model (default: the model's).")
+_FED_ROUNDS = flags.DEFINE_integer('compression_federated_rounds', 20,
+                                   'Federated fine-tuning rounds after one-shot pruning (0: skip).')
+_FED_CLIENTS = flags.DEFINE_integer('compression_federated_clients', 100,
+                                    'Federated fine-tuning clients per round.')
 _REQUESTS = flags.DEFINE_integer('compression_latency_requests', 1000, 'Timed recommend requests.')
 _SEED = flags.DEFINE_integer('compression_seed', 0, 'Split and initialization seed.')
 
@@ -110,80 +130,182 @@ def machine_info() -> dict:
           'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}
 
 
-def run(data_dir: str, output_dir: str, *, epochs: int, embedding_dim: int, l2: float,
-        learning_rate: float, batch_size: int, prune_sparsity: float, finetune_epochs: int,
-        finetune_l2: float, requests: int, seed: int) -> dict:
+@dataclasses.dataclass(frozen=True)
+class BenchmarkConfig:
+  """What to train and measure (the flags)."""
+
+  data_dir: str
+  dataset: str = 'ml-1m'
+  epochs: int = 8
+  embedding_dim: int = 32
+  size_dims: tuple = (64,)
+  l2: float = 0.04
+  learning_rate: float = 0.002
+  batch_size: int = 1024
+  prune_sparsity: float = 0.8
+  prune_sparsities: tuple = (0.5, 0.6, 0.7, 0.8)
+  finetune_epochs: int = 3
+  finetune_l2: Optional[float] = None
+  federated_rounds: int = 20
+  federated_clients: int = 100
+  requests: int = 1000
+  seed: int = 0
+
+  def __post_init__(self):
+    for name in ('epochs', 'embedding_dim', 'batch_size', 'finetune_epochs', 'requests',
+                 'federated_clients'):
+      if getattr(self, name) <= 0:
+        raise ValueError(f'{name} must be positive, got {getattr(self, name)}')
+    if self.federated_rounds < 0:
+      raise ValueError(f'federated_rounds must be >= 0, got {self.federated_rounds}')
+    if any(d <= 0 for d in self.size_dims):
+      raise ValueError(f'size_dims must be positive, got {self.size_dims}')
+    for sparsity in (self.prune_sparsity,) + tuple(self.prune_sparsities):
+      if not 0 < sparsity < 1:
+        raise ValueError(f'prune_sparsity values must be in (0, 1), got {sparsity}')
+
+  @property
+  def sparsities(self) -> list:
+    return sorted(set(self.prune_sparsities) | {self.prune_sparsity})
+
+
+def _train(config: BenchmarkConfig, split, dim: int, work: str):
+  """A central biased MF of `dim` factors; (model, model_config, user_index, item_index, rmse)."""
+  central_config = central.CentralConfig(
+      data=data_setup.DataConfig(dataset=config.dataset, data_dir=config.data_dir, test_fraction=0.1,
+                                 seed=config.seed),
+      model=experiment.ModelConfig('mf', {'embedding_dim': dim, 'l2': config.l2}),
+      optimizer=optimizers.OptimizerConfig('adam', config.learning_rate), epochs=config.epochs,
+      batch_size=config.batch_size, root_output_dir=work, experiment_name=f'mf{dim}',
+      seed=config.seed, progress_bar=False)
+  trained = central.run_central(central_config, split=split)
+  rec, model_config, user_index, item_index = artifacts.load_final_model(trained.run_dir)
+  return rec.keras_model, model_config, user_index, item_index, trained.test_metrics['rmse']
+
+
+class _Measure:
+  """Exports a model variant and measures size, accuracy and latency through the SavedModel."""
+
+  def __init__(self, config: BenchmarkConfig, split, export_base: str):
+    self._config, self._split, self._base = config, split, export_base
+    self._version = 0
+
+  def __call__(self, keras_model, model_config, user_index, item_index, storage, options,
+               reference: Optional[np.ndarray] = None) -> tuple[dict, np.ndarray]:
+    self._version += 1
+    split = self._split
+    exported = serving.export(keras_model, model_config, user_index, item_index, self._base,
+                              'mf', self._version, options, seen=split.train,
+                              storage_fn=quantization.storage_fn(storage or 'none'))
+    raw, gz = report.disk_bytes(exported.version_dir)
+    var_raw, var_gz = report.disk_bytes(os.path.join(exported.version_dir, 'variables'))
+    predictions = report.predict_export(exported.version_dir, model_config, user_index,
+                                        item_index, split.train, split.test)
+    err = predictions - split.test.ratings
+    reference = predictions if reference is None else reference
+    p50, p99 = report.recommend_latency(exported.version_dir, model_config, user_index,
+                                        item_index, split.train, k=10,
+                                        requests=self._config.requests, warmup=50,
+                                        seed=self._config.seed)
+    row = {'raw_bytes': raw, 'gzip_bytes': gz, 'variables_raw_bytes': var_raw,
+           'variables_gzip_bytes': var_gz, 'rmse': float(np.sqrt(np.mean(err ** 2))),
+           'mae': float(np.mean(np.abs(err))),
+           'max_abs_diff_vs_float32': float(np.max(np.abs(predictions - reference))),
+           'recommend_p50_ms': p50, 'recommend_p99_ms': p99}
+    return row, predictions
+
+
+def run(config: BenchmarkConfig) -> dict:
   """Trains, compresses, exports and measures; returns the results."""
   _single_core()
-
   started = time.time()
-  ratings, info = sources.load_movielens('ml-1m', data_dir=data_dir, allow_download=False)
-  split = splits.split_random(ratings, fractions=(0.9, 0.0, 0.1), seed=seed)
+  ratings, info = sources.load_movielens(config.dataset, data_dir=config.data_dir,
+                                         allow_download=False)
+  split = splits.split_random(ratings, fractions=(0.9, 0.0, 0.1), seed=config.seed)
   work = tempfile.mkdtemp(prefix='compression_benchmark_')
+  seconds = {}
   try:
-    config = central.CentralConfig(
-        data=data_setup.DataConfig(dataset='ml-1m', data_dir=data_dir, test_fraction=0.1, seed=seed),
-        model=experiment.ModelConfig('mf', {'embedding_dim': embedding_dim, 'l2': l2}),
-        optimizer=optimizers.OptimizerConfig('adam', learning_rate), epochs=epochs,
-        batch_size=batch_size, root_output_dir=work, experiment_name='mf', seed=seed,
-        progress_bar=False)
-    trained = central.run_central(config, split=split)
-    train_seconds = time.time() - started
-    rec, model_config, user_index, item_index = artifacts.load_final_model(trained.run_dir)
-    model = rec.keras_model
-
     t = time.time()
-    pruned = pruning.prune(model, 'rating', split.train, pruning.PruningConfig(
-        prune_sparsity, 'polynomial', finetune_epochs=finetune_epochs, batch_size=batch_size,
-        learning_rate=learning_rate, finetune_l2=finetune_l2, seed=seed))
-    prune_seconds = time.time() - t
-
-    exports = os.path.join(work, 'exports')
+    model, model_config, user_index, item_index, central_rmse = _train(
+        config, split, config.embedding_dim, work)
+    seconds['train'] = time.time() - t
+    measure = _Measure(config, split, os.path.join(work, 'exports'))
+    ids = (model_config, user_index, item_index)
     plain = serving.ExportOptions(warmup=False)
     seen = serving.ExportOptions(exclude_seen=True, warmup=False)
-    variants = {
-        'float32': (model, None, plain),
-        'int8': (model, 'int8', plain),
-        'float16': (model, 'float16', plain),
-        f'pruned{prune_sparsity:g}': (pruned.model, None, plain),
-        f'pruned{prune_sparsity:g}+int8': (pruned.model, 'int8', plain),
-        'float32+exclude_seen': (model, None, seen),
-        'int8+exclude_seen': (model, 'int8', seen),
-    }
-    results, predictions = {}, {}
-    for n, (name, (keras_model, storage, options)) in enumerate(variants.items()):
-      exported = serving.export(keras_model, model_config, user_index, item_index, exports,
-                                'mf', n + 1, options, seen=split.train,
-                                storage_fn=quantization.storage_fn(storage or 'none'))
-      raw, gz = report.disk_bytes(exported.version_dir)
-      var_raw, var_gz = report.disk_bytes(os.path.join(exported.version_dir, 'variables'))
-      predictions[name] = report.predict_export(exported.version_dir, model_config, user_index,
-                                                item_index, split.train, split.test)
-      err = predictions[name] - split.test.ratings
-      metrics = {'rmse': float(np.sqrt(np.mean(err ** 2))), 'mae': float(np.mean(np.abs(err))),
-                 'max_abs_diff_vs_float32': float(np.max(np.abs(predictions[name] - predictions['float32'])))}
-      p50, p99 = report.recommend_latency(exported.version_dir, model_config, user_index,
-                                          item_index, split.train, k=10, requests=requests,
-                                          warmup=50, seed=seed)
-      results[name] = {'raw_bytes': raw, 'gzip_bytes': gz, 'variables_raw_bytes': var_raw,
-                       'variables_gzip_bytes': var_gz, **metrics, 'recommend_p50_ms': p50,
-                       'recommend_p99_ms': p99}
-      logging.info('%s: %s', name, results[name])
+    results = {}
+    results['float32'], reference = measure(model, *ids, None, plain)
+    for storage in ('int8', 'float16'):
+      results[storage], _ = measure(model, *ids, storage, plain, reference)
+
+    t = time.time()
+    sparsity_of = {}
+    target = f'pruned{config.prune_sparsity:g}'
+    for sparsity in config.sparsities:
+      pruned = pruning.prune(model, 'rating', split.train, pruning.PruningConfig(
+          sparsity, 'polynomial', finetune_epochs=config.finetune_epochs,
+          batch_size=config.batch_size, learning_rate=config.learning_rate,
+          finetune_l2=config.finetune_l2, seed=config.seed))
+      name = f'pruned{sparsity:g}'
+      results[name], _ = measure(pruned.model, *ids, None, plain, reference)
+      sparsity_of[name] = pruned.sparsity
+      if name == target:
+        results[f'{name}+int8'], _ = measure(pruned.model, *ids, 'int8', plain, reference)
+    seconds['prune_central'] = time.time() - t
+
+    if config.federated_rounds:
+      t = time.time()
+      one_shot = pruning.prune(model, 'rating', None,
+                               pruning.PruningConfig(config.prune_sparsity, 'constant', 0))
+      results[f'{target}-one-shot'], _ = measure(one_shot.model, *ids, None, plain, reference)
+      runtime.ensure_context()
+      tuned = federated_finetune.finetune(
+          one_shot.model, model_config, split.train, federated_finetune.FederatedFinetuneConfig(
+              rounds=config.federated_rounds, clients_per_round=config.federated_clients,
+              seed=config.seed), os.path.join(work, 'federated_finetune'))
+      results[f'{target}-federated'], _ = measure(tuned.model, *ids, None, plain, reference)
+      sparsity_of[f'{target}-federated'] = tuned.sparsity
+      seconds['prune_federated'] = time.time() - t
+
+    for storage in (None, 'int8'):
+      results[f'{storage or "float32"}+exclude_seen'], _ = measure(model, *ids, storage, seen, reference)
+
+    by_dim = {config.embedding_dim: {'float32': results['float32'], 'int8': results['int8'],
+                                     'central_test_rmse': central_rmse}}
+    for dim in config.size_dims:
+      if dim in by_dim:
+        continue
+      t = time.time()
+      m, mc, ui, ii, rmse = _train(config, split, dim, work)
+      f32, ref = measure(m, mc, ui, ii, None, plain)
+      i8, _ = measure(m, mc, ui, ii, 'int8', plain, ref)
+      by_dim[dim] = {'float32': f32, 'int8': i8, 'central_test_rmse': rmse}
+      seconds[f'size_dim_{dim}'] = time.time() - t
   finally:
     shutil.rmtree(work, ignore_errors=True)
 
   base = results['float32']
-  pname = f'pruned{prune_sparsity:g}'
   summary = {
       'int8_size_ratio': base['raw_bytes'] / results['int8']['raw_bytes'],
       'int8_variables_size_ratio': base['variables_raw_bytes'] / results['int8']['variables_raw_bytes'],
       'int8_rmse_delta': results['int8']['rmse'] - base['rmse'],
       'int8_max_abs_prediction_diff': results['int8']['max_abs_diff_vs_float32'],
-      'prune_gzip_ratio': base['gzip_bytes'] / results[pname]['gzip_bytes'],
-      'prune_variables_gzip_ratio': base['variables_gzip_bytes'] / results[pname]['variables_gzip_bytes'],
-      'prune_rmse_delta': results[pname]['rmse'] - base['rmse'],
+      'prune_gzip_ratio': base['gzip_bytes'] / results[target]['gzip_bytes'],
+      'prune_variables_gzip_ratio': base['variables_gzip_bytes'] / results[target]['variables_gzip_bytes'],
+      'prune_rmse_delta': results[target]['rmse'] - base['rmse'],
       'recommend_p50_ms': base['recommend_p50_ms'],
       'recommend_p99_ms': base['recommend_p99_ms'],
+      'int8_by_dim': {
+          str(d): {'size_ratio': r['float32']['raw_bytes'] / r['int8']['raw_bytes'],
+                   'variables_size_ratio': (r['float32']['variables_raw_bytes']
+                                            / r['int8']['variables_raw_bytes']),
+                   'rmse_delta': r['int8']['rmse'] - r['float32']['rmse'],
+                   'float32_rmse': r['float32']['rmse']}
+          for d, r in sorted(by_dim.items())},
+      'pruning_by_sparsity': {
+          name: {'gzip_ratio': base['gzip_bytes'] / r['gzip_bytes'],
+                 'rmse_delta': r['rmse'] - base['rmse']}
+          for name, r in results.items() if name.startswith('pruned') and '+' not in name},
   }
   met = {
       'int8_size_ratio': summary['int8_size_ratio'] >= TARGETS['int8_size_ratio_min'],
@@ -192,19 +314,23 @@ def run(data_dir: str, output_dir: str, *, epochs: int, embedding_dim: int, l2: 
       'prune_rmse_delta': summary['prune_rmse_delta'] <= TARGETS['prune_rmse_delta_max'],
       'recommend_p50_ms': summary['recommend_p50_ms'] <= TARGETS['recommend_p50_ms_max'],
   }
+  seconds['total'] = time.time() - started
   return {
       'benchmark': 'compression', 'machine': machine_info(),
-      'data': {'dataset': 'ml-1m', 'source': info.path, 'split': split.summary(),
+      'data': {'dataset': config.dataset, 'source': info.path, 'split': split.summary(),
                'num_users': ratings.num_users, 'num_items': ratings.num_items},
-      'model': {'name': 'mf', 'embedding_dim': embedding_dim, 'l2': l2, 'epochs': epochs,
-                'learning_rate': learning_rate, 'batch_size': batch_size,
-                'central_test_rmse': trained.test_metrics['rmse']},
-      'pruning': {'target_sparsity': prune_sparsity, 'schedule': 'polynomial',
-                  'finetune_epochs': finetune_epochs, 'finetune_l2': finetune_l2,
-                  'finetune_learning_rate': learning_rate, 'sparsity': pruned.sparsity},
-      'latency': {'k': 10, 'requests': requests, 'threads': 1, 'in_process': True},
-      'results': results, 'summary': summary, 'targets': TARGETS, 'targets_met': met,
-      'seconds': {'train': train_seconds, 'prune': prune_seconds, 'total': time.time() - started},
+      'model': {'name': 'mf', 'embedding_dim': config.embedding_dim, 'l2': config.l2,
+                'epochs': config.epochs, 'learning_rate': config.learning_rate,
+                'batch_size': config.batch_size, 'central_test_rmse': central_rmse},
+      'pruning': {'target_sparsity': config.prune_sparsity, 'sparsities': config.sparsities,
+                  'schedule': 'polynomial', 'finetune_epochs': config.finetune_epochs,
+                  'finetune_l2': config.finetune_l2, 'finetune_learning_rate': config.learning_rate,
+                  'federated_rounds': config.federated_rounds,
+                  'federated_clients_per_round': config.federated_clients,
+                  'sparsity': sparsity_of},
+      'latency': {'k': 10, 'requests': config.requests, 'threads': 1, 'in_process': True},
+      'results': results, 'int8_by_dim': {str(d): r for d, r in sorted(by_dim.items())},
+      'summary': summary, 'targets': TARGETS, 'targets_met': met, 'seconds': seconds,
   }
 
 
@@ -236,6 +362,20 @@ def markdown(result: dict) -> str:
     lines.append(f"| {name} | {r['raw_bytes']} | {r['gzip_bytes']} | {r['variables_raw_bytes']} | "
                  f"{r['variables_gzip_bytes']} | {r['rmse']:.4f} | {r['mae']:.4f} | {r['max_abs_diff_vs_float32']:.4f} | "
                  f"{r['recommend_p50_ms']:.3f} | {r['recommend_p99_ms']:.3f} |")
+  p = result['pruning']
+  lines += ['', f"Pruning: polynomial schedule with {p['finetune_epochs']} central fine-tuning epochs; "
+            f"`-one-shot`: magnitude pruning without training; `-federated`: one-shot, then "
+            f"{p['federated_rounds']} FedAvg rounds of {p['federated_clients_per_round']} clients with "
+            'the zeros fixed (`compression.federated_finetune`).', '',
+            '| pruned export | gzip ratio vs float32 | RMSE change |', '|---|---|---|']
+  for name, r in s['pruning_by_sparsity'].items():
+    lines.append(f"| {name} | {r['gzip_ratio']:.2f}x | {r['rmse_delta']:+.4f} |")
+  lines += ['', 'int8 vs float32 by MF size (the saved_model.pb and the id assets are a fixed cost):', '',
+            '| embedding dim | float32 RMSE | whole export ratio | variables ratio | RMSE change |',
+            '|---|---|---|---|---|']
+  for dim, r in s['int8_by_dim'].items():
+    lines.append(f"| {dim} | {r['float32_rmse']:.4f} | {r['size_ratio']:.2f}x | "
+                 f"{r['variables_size_ratio']:.2f}x | {r['rmse_delta']:+.5f} |")
   return '\n'.join(lines) + '\n'
 
 
@@ -254,16 +394,22 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   if not os.path.exists(_DATA_DIR.value):
     raise app.UsageError(f'--compression_data: {_DATA_DIR.value} not found')
-  if not 0 < _PRUNE_SPARSITY.value < 1:
-    raise app.UsageError(f'--compression_prune_sparsity must be in (0, 1), got {_PRUNE_SPARSITY.value}')
-  for flag in (_EPOCHS, _EMBEDDING_DIM, _BATCH_SIZE, _FINETUNE_EPOCHS, _REQUESTS):
-    if flag.value <= 0:
-      raise app.UsageError(f'--{flag.name} must be positive, got {flag.value}')
-  result = run(_DATA_DIR.value, _OUTPUT_DIR.value, epochs=_EPOCHS.value,
-               embedding_dim=_EMBEDDING_DIM.value, l2=_L2.value, learning_rate=_LEARNING_RATE.value,
-               batch_size=_BATCH_SIZE.value, prune_sparsity=_PRUNE_SPARSITY.value,
-               finetune_epochs=_FINETUNE_EPOCHS.value, finetune_l2=_FINETUNE_L2.value,
-               requests=_REQUESTS.value, seed=_SEED.value)
+  try:
+    config = BenchmarkConfig(
+        data_dir=_DATA_DIR.value, dataset=_DATASET.value, epochs=_EPOCHS.value,
+        embedding_dim=_EMBEDDING_DIM.value, size_dims=tuple(int(d) for d in _SIZE_DIMS.value),
+        l2=_L2.value, learning_rate=_LEARNING_RATE.value, batch_size=_BATCH_SIZE.value,
+        prune_sparsity=_PRUNE_SPARSITY.value,
+        prune_sparsities=tuple(float(x) for x in _PRUNE_SPARSITIES.value),
+        finetune_epochs=_FINETUNE_EPOCHS.value, finetune_l2=_FINETUNE_L2.value,
+        federated_rounds=_FED_ROUNDS.value, federated_clients=_FED_CLIENTS.value,
+        requests=_REQUESTS.value, seed=_SEED.value)
+  except ValueError as e:
+    field = str(e).split()[0]
+    flag = {'requests': 'latency_requests', 'prune_sparsity': 'prune_sparsity(ies)',
+            'federated_clients': 'federated_clients'}.get(field, field)
+    raise app.UsageError(f'--compression_{flag}: {e}') from e
+  result = run(config)
   json_path, md_path = write(result, _OUTPUT_DIR.value)
   print(markdown(result))
   print(f'wrote {json_path} and {md_path}')

@@ -70,7 +70,9 @@ def run_one(name: str, out_dir: str, smoke: bool, data_dir: Optional[str]) -> Op
       argv.append(f'--compression_data={os.path.join(data_dir, "ml-1m.zip")}')
     if smoke:
       argv += ['--compression_epochs=1', '--compression_finetune_epochs=1',
-               '--compression_latency_requests=50']
+               '--compression_latency_requests=50', '--compression_size_dims=',
+               '--compression_prune_sparsities=0.8', '--compression_federated_rounds=1',
+               '--compression_federated_clients=5']
     subprocess.run(argv, check=True, cwd=_REPO_ROOT)
     return os.path.join(out_dir, 'compression_benchmark.json')
   raise ValueError(f'no way to run benchmark {name!r}')
