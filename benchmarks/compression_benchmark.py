@@ -75,7 +75,7 @@ _OUTPUT_DIR = flags.DEFINE_string('compression_output_dir', 'runs/benchmarks/com
                                   'Where the JSON and Markdown results go.')
 _EPOCHS = flags.DEFINE_integer('compression_epochs', 8, 'Central MF training epochs.')
 _EMBEDDING_DIM = flags.DEFINE_integer('compression_embedding_dim', 32, 'MF factors.')
-_SIZE_DIMS = flags.DEFINE_list('compression_size_dims', ['64'],
+_SIZE_DIMS = flags.DEFINE_list('compression_size_dims', ['64', '128'],
                                'Further MF sizes measured for int8 vs float32 only (empty: none).')
 _L2 = flags.DEFINE_float('compression_l2', 0.04, 'MF row L2.')
 _LEARNING_RATE = flags.DEFINE_float('compression_learning_rate', 0.002, 'Adam learning rate.')
@@ -138,7 +138,7 @@ class BenchmarkConfig:
   dataset: str = 'ml-1m'
   epochs: int = 8
   embedding_dim: int = 32
-  size_dims: tuple = (64,)
+  size_dims: tuple = (64, 128)
   l2: float = 0.04
   learning_rate: float = 0.002
   batch_size: int = 1024
