@@ -7,7 +7,8 @@ the run's model with those patterns as fixed masks
 gets a gradient), starts TFF's FedAvg (shared user table) or FedRecon
 (on-device user rows) from the pruned weights, trains over one client per
 user with `tff.simulation.run_training_process` (checkpointed in `run_dir`,
-so an interrupted fine-tuning resumes), and returns the plain model with the
+so an interrupted fine-tuning resumes; a `run_dir` holding a fine-tuning of
+other inputs is refused), and returns the plain model with the
 masks applied to the final weights: exactly as sparse as its input.
 
 Only embedding tables take a fixed mask here; a pruned Dense kernel (NeuMF,
@@ -19,6 +20,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
+import hashlib
+import json
 import math
 import os
 from typing import Mapping, Optional
@@ -33,6 +36,7 @@ from tff_rec.data import ratings as ratings_lib
 from tff_rec.models import base
 from tff_rec.models import registry
 from tff_rec.training import algorithms
+from tff_rec.training import artifacts
 from tff_rec.training import experiment
 from tff_rec.training import loop
 from tff_rec.training import model_fns
@@ -178,6 +182,7 @@ def finetune(
   composed = tff.simulation.compose_dataset_computation_with_learning_process(
       data.dataset_computation, process)
   sampler = sampling.ClientSampler(users, config.clients_per_round, config.seed, 'fixed_size')
+  _claim(run_dir, config, model_config, masks)
   state = loop.run(_WarmStart(composed, start), sampler, run_dir, loop.LoopConfig(
       total_rounds=config.rounds, checkpoint_every=max(1, math.ceil(config.rounds / 4)),
       progress_bar=config.progress_bar))
@@ -197,6 +202,26 @@ def finetune(
     layer = out.get_layer(layer_name)
     layer.embeddings.assign(layer.embeddings.numpy() * mask)
   return FederatedFinetuneResult(out, dict(masks), pruning.weight_sparsity(out), _last_metrics(run_dir))
+
+
+def _claim(run_dir: str, config: FederatedFinetuneConfig, model_config: Mapping,
+           masks: Mapping[str, np.ndarray]) -> None:
+  """Records what `run_dir` fine-tunes; refuses to resume a different fine-tuning there."""
+  digest = hashlib.sha256()
+  for name in sorted(masks):
+    digest.update(name.encode())
+    digest.update(np.ascontiguousarray(masks[name], np.uint8).tobytes())
+  inputs = {'config': dataclasses.asdict(config), 'model': model_config['model'],
+            'hparams': model_config['hparams'], 'masks_sha256': digest.hexdigest()}
+  path = os.path.join(run_dir, 'finetune_inputs.json')
+  if os.path.exists(path):
+    previous = artifacts.read_json(path)
+    if previous != json.loads(json.dumps(inputs)):
+      raise ValueError(f'{run_dir} holds a federated fine-tuning of other inputs '
+                       f'({path}); remove it or choose another directory')
+    return
+  os.makedirs(run_dir, exist_ok=True)
+  artifacts.write_json(path, inputs)
 
 
 def _last_metrics(run_dir: str) -> dict:

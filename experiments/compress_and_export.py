@@ -282,10 +282,12 @@ def run(config: PipelineConfig) -> PipelineResult:
     model, sparsity = result.model, result.sparsity
     logging.info('pruned %s: %s', result.pruned_layers, sparsity)
     if config.finetune == 'federated':
+      finetune_dir = os.path.join(config.artifacts_dir, 'federated_finetune')
+      if config.overwrite and os.path.isdir(finetune_dir):
+        shutil.rmtree(finetune_dir)  # the replaced version's fine-tuning
       runtime.ensure_context()
-      tuned = federated_finetune.finetune(
-          model, model_config, split.train, config.federated,
-          os.path.join(config.artifacts_dir, 'federated_finetune'))
+      tuned = federated_finetune.finetune(model, model_config, split.train, config.federated,
+                                          finetune_dir)
       model, sparsity = tuned.model, tuned.sparsity
       logging.info('federated fine-tuning, last round: %s', tuned.metrics)
   storage = config.quantize

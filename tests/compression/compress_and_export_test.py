@@ -1,6 +1,7 @@
 """The compress_and_export binary's library path and its flag validation."""
 
 import csv
+import dataclasses
 import os
 
 from absl import app
@@ -71,6 +72,10 @@ def test_federated_finetuning_pipeline(fedrecon_run, tff_context, tmp_path):
   assert [r.artifact for r in result.rows] == ['float32', 'pruned0.6-federated+int8']
   assert np.isfinite(result.rows[1].metrics['rmse'])
   assert os.path.isfile(os.path.join(config.artifacts_dir, 'federated_finetune', 'metrics.csv'))
+  # --overwrite with other fine-tuning flags replaces the version and its fine-tuning.
+  again = compress_and_export.run(dataclasses.replace(
+      config, overwrite=True, federated=dataclasses.replace(config.federated, rounds=1)))
+  assert again.sparsity == pytest.approx(result.sparsity)
 
 
 @pytest.mark.parametrize('overrides,message', [

@@ -88,6 +88,11 @@ def test_fedavg_finetuning_keeps_the_sparsity_pattern(mf_run, split, tff_context
   again = federated_finetune.finetune(pruned.model, model_config, split.train, _CONFIG, run_dir)
   for a, b in zip(again.model.get_weights(), result.model.get_weights()):
     np.testing.assert_allclose(a, b, atol=1e-6)
+  # Other inputs in the same directory are refused, not silently resumed.
+  with pytest.raises(ValueError, match='fine-tuning of other inputs'):
+    federated_finetune.finetune(pruned.model, model_config, split.train,
+                                federated_finetune.FederatedFinetuneConfig(
+                                    rounds=4, clients_per_round=10, batch_size=8), run_dir)
 
 
 def test_fedrecon_finetuning_keeps_user_rows_local(fedrecon_run, split, tff_context, tmp_path):
