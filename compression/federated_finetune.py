@@ -165,6 +165,7 @@ def finetune(
   if config.clients_per_round > len(users):
     raise ValueError(f'clients_per_round={config.clients_per_round} exceeds the {len(users)} '
                      'training users')
+  _claim(run_dir, config, model_config, masks)
   spec = _spec(model_config, masks)
   sgd = lambda lr: optimizers.OptimizerConfig('sgd', lr)
   name = 'fedrecon' if user_embedding == model_fns.UserEmbedding.LOCAL else 'fedavg'
@@ -182,7 +183,6 @@ def finetune(
   composed = tff.simulation.compose_dataset_computation_with_learning_process(
       data.dataset_computation, process)
   sampler = sampling.ClientSampler(users, config.clients_per_round, config.seed, 'fixed_size')
-  _claim(run_dir, config, model_config, masks)
   state = loop.run(_WarmStart(composed, start), sampler, run_dir, loop.LoopConfig(
       total_rounds=config.rounds, checkpoint_every=max(1, math.ceil(config.rounds / 4)),
       progress_bar=config.progress_bar))
