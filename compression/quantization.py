@@ -20,8 +20,8 @@ the SavedModel's `variables/` shrink while it stays a plain TF graph:
 Quantization-aware training (`qat_finetune`): TF-MOT's `quantize_apply` on
 the Dense layers (default 8-bit scheme) and on the embedding tables through
 `EmbeddingQuantizeConfig`, whose fake quantizer is exactly the per-row int8
-scheme above (float16 scale rounding included), so the fine-tuned float weights are those that the int8 export
-reproduces best. Models with weighted layers of other kinds raise
+scheme above (float16 scale rounding included), so the fine-tuned float
+weights are those that the int8 export reproduces best. Models with weighted layers of other kinds raise
 `UnsupportedModelError`.
 """
 
