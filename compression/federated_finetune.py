@@ -152,10 +152,11 @@ def finetune(
   a TFF execution context (e.g. `tff_rec.runtime.set_local_context()`).
   """
   user_embedding = model_fns.UserEmbedding(model_config['user_embedding'])
-  plain = _spec(model_config, {})
-  local = [layer.name for layer in plain.build(user_embedding).local_layers]
-  if user_embedding != model_fns.UserEmbedding.LOCAL:
-    local = []  # FedAvg trains (and aggregates) the user table too
+  # The unmasked model: the layout of the start weights, and at the end the trained ones.
+  rec = _spec(model_config, {}).build(user_embedding)
+  # Local (on-device) user rows are not the server's; FedAvg trains the user table too.
+  local = ([layer.name for layer in rec.local_layers]
+           if user_embedding == model_fns.UserEmbedding.LOCAL else [])
   if masks is None:
     masks = masks_of(model, exclude=local)
   if not masks:
@@ -175,7 +176,7 @@ def finetune(
           server_optimizer=sgd(config.server_learning_rate),
           reconstruction_optimizer=sgd(config.reconstruction_learning_rate)),
       spec, user_embedding)
-  start = _initial_weights(plain.build(user_embedding), model, user_embedding)
+  start = _initial_weights(rec, model, user_embedding)
   data = federated.client_data(train, federated.ClientDatasetConfig(
       batch_size=config.batch_size, num_epochs=config.client_epochs,
       max_examples_per_user=config.max_examples_per_user, seed=config.seed,
@@ -188,7 +189,6 @@ def finetune(
       progress_bar=config.progress_bar))
 
   # The final weights in a copy of the input model, masks applied (local rows kept).
-  rec = plain.build(user_embedding)
   experiment.assign_global_weights(rec, user_embedding, composed.get_model_weights(state))
   out = tf.keras.models.clone_model(model)
   out.set_weights(model.get_weights())
