@@ -83,7 +83,8 @@ def options_from_flags() -> harness.RunOptions:
       'results', _TABLE.value, *(['quick'] if _QUICK.value else []))
   return harness.RunOptions(
       output_dir=output_dir, seeds=seeds, quick=_QUICK.value,
-      max_rounds=_MAX_ROUNDS.value or None, max_epochs=_MAX_EPOCHS.value or None, data_dir=_DATA_DIR.value, data_paths=paths,
+      max_rounds=_MAX_ROUNDS.value or None, max_epochs=_MAX_EPOCHS.value or None,
+      data_dir=_DATA_DIR.value, data_paths=paths,
       rows=tuple(_ROWS.value), progress_bar=_PROGRESS.value)
 
 
