@@ -11,14 +11,16 @@ exported SavedModels (TF Serving layout, `tff_rec.export.serving`):
 * int8 storage vs float32: export size (raw bytes of the version directory
   and of `variables/` only) and test RMSE change (targets: >= 3.5x smaller,
   RMSE +0.005 at most), for the main model and for MF models of the other
-  `--compression_size_dims` (the graph and the id assets are a fixed cost,
-  so the whole-directory ratio grows with the embedding size);
-* magnitude pruning at each of `--compression_prune_sparsities` (polynomial
-  schedule, central fine-tuning): gzip size of the export vs float32 and RMSE
-  change; the targets (>= 3x, +0.01 at most) are read at
-  `--compression_prune_sparsity`. At that sparsity also: one-shot pruning
-  followed by `--compression_federated_rounds` rounds of federated
-  fine-tuning (FedAvg, `compression.federated_finetune`), and pruning + int8;
+  `--compression_size_dims` (the graph is a fixed cost, so the
+  whole-directory ratio grows with the embedding size);
+* magnitude pruning at each of `--compression_prune_sparsities` (in the
+  balanced SVD basis of the MF tables, `compression.rotation`; central
+  fine-tuning): gzip size of the export vs float32 and RMSE change; the
+  targets (>= 3x, +0.01 at most) are read at `--compression_prune_sparsity`.
+  At that sparsity also: the same pruning in the trained basis, one-shot
+  pruning followed by `--compression_federated_rounds` rounds of federated
+  fine-tuning (FedAvg, `compression.federated_finetune`), pruning + int8,
+  and pruning of the MF models of the other sizes;
 * `recommend` top-10 over all items for one user per request, from the
   loaded SavedModel in this process on one core (intra- and inter-op
   parallelism 1, set before any op runs, so training runs on one thread
@@ -53,6 +55,7 @@ from compression import federated_finetune
 from compression import pruning
 from compression import quantization
 from compression import report
+from compression import rotation
 from tff_rec import atomic
 from tff_rec import runtime
 from tff_rec import version
@@ -74,9 +77,11 @@ _DATASET = flags.DEFINE_enum('compression_dataset', 'ml-1m', ['ml-1m', 'ml-100k'
 _OUTPUT_DIR = flags.DEFINE_string('compression_output_dir', 'runs/benchmarks/compression',
                                   'Where the JSON and Markdown results go.')
 _EPOCHS = flags.DEFINE_integer('compression_epochs', 8, 'Central MF training epochs.')
-_EMBEDDING_DIM = flags.DEFINE_integer('compression_embedding_dim', 32, 'MF factors.')
-_SIZE_DIMS = flags.DEFINE_list('compression_size_dims', ['64', '128'],
-                               'Further MF sizes measured for int8 vs float32 only (empty: none).')
+_EMBEDDING_DIM = flags.DEFINE_integer('compression_embedding_dim', 64, 'MF factors.')
+_SIZE_DIMS = flags.DEFINE_list(
+    'compression_size_dims', ['32', '128'],
+    'Further MF sizes measured for int8 and for pruning at --compression_prune_sparsity '
+    '(empty: none).')
 _L2 = flags.DEFINE_float('compression_l2', 0.04, 'MF row L2.')
 _LEARNING_RATE = flags.DEFINE_float('compression_learning_rate', 0.002, 'Adam learning rate.')
 _BATCH_SIZE = flags.DEFINE_integer('compression_batch_size', 1024, 'Training batch size.')
@@ -85,6 +90,10 @@ _PRUNE_SPARSITY = flags.DEFINE_float('compression_prune_sparsity', 0.8,
 _PRUNE_SPARSITIES = flags.DEFINE_list('compression_prune_sparsities', ['0.5', '0.6', '0.7', '0.8'],
                                       'Sparsities measured (the target one is added).')
 _FINETUNE_EPOCHS = flags.DEFINE_integer('compression_finetune_epochs', 3, 'Pruning fine-tuning epochs.')
+_PRUNE_SCHEDULE = flags.DEFINE_enum('compression_prune_schedule', 'constant', list(pruning.SCHEDULES),
+                                    'TF-MOT sparsity schedule of the fine-tuned pruning rows.')
+_PRUNE_BASIS = flags.DEFINE_enum('compression_prune_basis', 'auto', list(rotation.BASES),
+                                 'Basis the MF tables are pruned in (compression.rotation).')
 _FINETUNE_L2 = flags.DEFINE_float('compression_finetune_l2', None,
                                   "Row L2 while fine-tuning the pruned model (default: the model's).")
 _FED_ROUNDS = flags.DEFINE_integer('compression_federated_rounds', 20,
@@ -137,8 +146,8 @@ class BenchmarkConfig:
   data_dir: str
   dataset: str = 'ml-1m'
   epochs: int = 8
-  embedding_dim: int = 32
-  size_dims: tuple = (64, 128)
+  embedding_dim: int = 64
+  size_dims: tuple = (32, 128)
   l2: float = 0.04
   learning_rate: float = 0.002
   batch_size: int = 1024
@@ -146,12 +155,19 @@ class BenchmarkConfig:
   prune_sparsities: tuple = (0.5, 0.6, 0.7, 0.8)
   finetune_epochs: int = 3
   finetune_l2: Optional[float] = None
+  prune_schedule: str = 'constant'
+  prune_basis: str = 'auto'
   federated_rounds: int = 20
   federated_clients: int = 100
   requests: int = 1000
   seed: int = 0
 
   def __post_init__(self):
+    if self.prune_schedule not in pruning.SCHEDULES:
+      raise ValueError(f'prune_schedule must be one of {list(pruning.SCHEDULES)}, '
+                       f'got {self.prune_schedule!r}')
+    if self.prune_basis not in rotation.BASES:
+      raise ValueError(f'prune_basis must be one of {list(rotation.BASES)}, got {self.prune_basis!r}')
     for name in ('epochs', 'embedding_dim', 'batch_size', 'finetune_epochs', 'requests',
                  'federated_clients'):
       if getattr(self, name) <= 0:
@@ -167,6 +183,12 @@ class BenchmarkConfig:
   @property
   def sparsities(self) -> list:
     return sorted(set(self.prune_sparsities) | {self.prune_sparsity})
+
+  def pruning_config(self, sparsity: float, basis: Optional[str] = None) -> pruning.PruningConfig:
+    return pruning.PruningConfig(
+        sparsity, self.prune_schedule, finetune_epochs=self.finetune_epochs,
+        batch_size=self.batch_size, learning_rate=self.learning_rate,
+        finetune_l2=self.finetune_l2, seed=self.seed, basis=basis or self.prune_basis)
 
 
 def _train(config: BenchmarkConfig, split, dim: int, work: str):
@@ -241,22 +263,25 @@ def run(config: BenchmarkConfig) -> dict:
     t = time.time()
     sparsity_of = {}
     target = f'pruned{config.prune_sparsity:g}'
+    basis = None
     for sparsity in config.sparsities:
-      pruned = pruning.prune(model, 'rating', split.train, pruning.PruningConfig(
-          sparsity, 'polynomial', finetune_epochs=config.finetune_epochs,
-          batch_size=config.batch_size, learning_rate=config.learning_rate,
-          finetune_l2=config.finetune_l2, seed=config.seed))
+      pruned = pruning.prune(model, 'rating', split.train, config.pruning_config(sparsity))
+      basis = pruned.basis
       name = f'pruned{sparsity:g}'
       results[name], _ = measure(pruned.model, *ids, None, plain, reference)
       sparsity_of[name] = pruned.sparsity
       if name == target:
         results[f'{name}+int8'], _ = measure(pruned.model, *ids, 'int8', plain, reference)
+    if basis == 'svd':  # the same pruning in the trained basis, for comparison
+      pruned = pruning.prune(model, 'rating', split.train,
+                             config.pruning_config(config.prune_sparsity, 'none'))
+      results[f'{target}-trained-basis'], _ = measure(pruned.model, *ids, None, plain, reference)
     seconds['prune_central'] = time.time() - t
 
     if config.federated_rounds:
       t = time.time()
-      one_shot = pruning.prune(model, 'rating', None,
-                               pruning.PruningConfig(config.prune_sparsity, 'constant', 0))
+      one_shot = pruning.prune(model, 'rating', None, pruning.PruningConfig(
+          config.prune_sparsity, 'constant', 0, basis=config.prune_basis))
       results[f'{target}-one-shot'], _ = measure(one_shot.model, *ids, None, plain, reference)
       runtime.ensure_context()
       tuned = federated_finetune.finetune(
@@ -271,7 +296,7 @@ def run(config: BenchmarkConfig) -> dict:
       results[f'{storage or "float32"}+exclude_seen'], _ = measure(model, *ids, storage, seen, reference)
 
     by_dim = {config.embedding_dim: {'float32': results['float32'], 'int8': results['int8'],
-                                     'central_test_rmse': central_rmse}}
+                                     'pruned': results[target], 'central_test_rmse': central_rmse}}
     for dim in config.size_dims:
       if dim in by_dim:
         continue
@@ -279,7 +304,9 @@ def run(config: BenchmarkConfig) -> dict:
       m, mc, ui, ii, rmse = _train(config, split, dim, work)
       f32, ref = measure(m, mc, ui, ii, None, plain)
       i8, _ = measure(m, mc, ui, ii, 'int8', plain, ref)
-      by_dim[dim] = {'float32': f32, 'int8': i8, 'central_test_rmse': rmse}
+      pruned = pruning.prune(m, 'rating', split.train, config.pruning_config(config.prune_sparsity))
+      pr, _ = measure(pruned.model, mc, ui, ii, None, plain, ref)
+      by_dim[dim] = {'float32': f32, 'int8': i8, 'pruned': pr, 'central_test_rmse': rmse}
       seconds[f'size_dim_{dim}'] = time.time() - t
   finally:
     shutil.rmtree(work, ignore_errors=True)
@@ -300,7 +327,9 @@ def run(config: BenchmarkConfig) -> dict:
                    'variables_size_ratio': (r['float32']['variables_raw_bytes']
                                             / r['int8']['variables_raw_bytes']),
                    'rmse_delta': r['int8']['rmse'] - r['float32']['rmse'],
-                   'float32_rmse': r['float32']['rmse']}
+                   'float32_rmse': r['float32']['rmse'],
+                   'prune_gzip_ratio': r['float32']['gzip_bytes'] / r['pruned']['gzip_bytes'],
+                   'prune_rmse_delta': r['pruned']['rmse'] - r['float32']['rmse']}
           for d, r in sorted(by_dim.items())},
       'pruning_by_sparsity': {
           name: {'gzip_ratio': base['gzip_bytes'] / r['gzip_bytes'],
@@ -323,7 +352,8 @@ def run(config: BenchmarkConfig) -> dict:
                 'epochs': config.epochs, 'learning_rate': config.learning_rate,
                 'batch_size': config.batch_size, 'central_test_rmse': central_rmse},
       'pruning': {'target_sparsity': config.prune_sparsity, 'sparsities': config.sparsities,
-                  'schedule': 'polynomial', 'finetune_epochs': config.finetune_epochs,
+                  'schedule': config.prune_schedule, 'basis': basis,
+                  'finetune_epochs': config.finetune_epochs,
                   'finetune_l2': config.finetune_l2, 'finetune_learning_rate': config.learning_rate,
                   'federated_rounds': config.federated_rounds,
                   'federated_clients_per_round': config.federated_clients,
@@ -353,8 +383,9 @@ def markdown(result: dict) -> str:
       f"| pruning RMSE change | {s['prune_rmse_delta']:+.5f} | <= +{t['prune_rmse_delta_max']} | {mark('prune_rmse_delta')} |",
       f"| recommend top-10 p50 / p99 | {s['recommend_p50_ms']:.3f} / {s['recommend_p99_ms']:.3f} ms "
       f"| p50 <= {t['recommend_p50_ms_max']} ms | {mark('recommend_p50_ms')} |",
-      '', 'Sizes are of the whole version directory (saved_model.pb, variables/, assets/ with the id '
-      'maps) and of variables/ alone; gzip is the sum of each file compressed with gzip -9.', '',
+      '', 'Sizes are of the whole version directory (saved_model.pb, variables/ and assets/, if any: '
+      'integer id maps are stored as runs in a variable, `tff_rec.export.id_maps`) and of variables/ '
+      'alone; gzip is the sum of each file compressed with gzip -9.', '',
       '| export | raw bytes | gzip bytes | variables raw | variables gzip | RMSE | MAE | max abs diff | p50 ms | p99 ms |',
       '|---|---|---|---|---|---|---|---|---|---|',
   ]
@@ -363,19 +394,26 @@ def markdown(result: dict) -> str:
                  f"{r['variables_gzip_bytes']} | {r['rmse']:.4f} | {r['mae']:.4f} | {r['max_abs_diff_vs_float32']:.4f} | "
                  f"{r['recommend_p50_ms']:.3f} | {r['recommend_p99_ms']:.3f} |")
   p = result['pruning']
-  lines += ['', f"Pruning: polynomial schedule with {p['finetune_epochs']} central fine-tuning epochs; "
+  basis = ('the balanced SVD basis of the MF tables (`compression.rotation`; `-trained-basis`: '
+           'the same in the basis training ended in)' if p.get('basis') == 'svd' else 'the trained basis')
+  lines += ['', f"Pruning: TF-MOT magnitude pruning in {basis}, {p['schedule']} schedule, "
+            f"{p['finetune_epochs']} central fine-tuning epochs; "
             f"`-one-shot`: magnitude pruning without training; `-federated`: one-shot, then "
             f"{p['federated_rounds']} FedAvg rounds of {p['federated_clients_per_round']} clients with "
             'the zeros fixed (`compression.federated_finetune`).', '',
             '| pruned export | gzip ratio vs float32 | RMSE change |', '|---|---|---|']
   for name, r in s['pruning_by_sparsity'].items():
     lines.append(f"| {name} | {r['gzip_ratio']:.2f}x | {r['rmse_delta']:+.4f} |")
-  lines += ['', 'int8 vs float32 by MF size (the saved_model.pb and the id assets are a fixed cost):', '',
-            '| embedding dim | float32 RMSE | whole export ratio | variables ratio | RMSE change |',
-            '|---|---|---|---|---|']
+  lines += ['', f"By MF size: int8 vs float32, and {p['target_sparsity']:.0%} pruning as above "
+            '(the saved_model.pb is a fixed cost of about 85 KB, so whole-export ratios grow with '
+            'the embedding size):', '',
+            '| embedding dim | float32 RMSE | int8 whole export ratio | int8 variables ratio | '
+            'int8 RMSE change | pruned gzip ratio | pruned RMSE change |',
+            '|---|---|---|---|---|---|---|']
   for dim, r in s['int8_by_dim'].items():
     lines.append(f"| {dim} | {r['float32_rmse']:.4f} | {r['size_ratio']:.2f}x | "
-                 f"{r['variables_size_ratio']:.2f}x | {r['rmse_delta']:+.5f} |")
+                 f"{r['variables_size_ratio']:.2f}x | {r['rmse_delta']:+.5f} | "
+                 f"{r['prune_gzip_ratio']:.2f}x | {r['prune_rmse_delta']:+.4f} |")
   return '\n'.join(lines) + '\n'
 
 
@@ -402,6 +440,7 @@ def main(argv: Sequence[str]) -> None:
         prune_sparsity=_PRUNE_SPARSITY.value,
         prune_sparsities=tuple(float(x) for x in _PRUNE_SPARSITIES.value),
         finetune_epochs=_FINETUNE_EPOCHS.value, finetune_l2=_FINETUNE_L2.value,
+        prune_schedule=_PRUNE_SCHEDULE.value, prune_basis=_PRUNE_BASIS.value,
         federated_rounds=_FED_ROUNDS.value, federated_clients=_FED_CLIENTS.value,
         requests=_REQUESTS.value, seed=_SEED.value)
   except ValueError as e:

@@ -13,6 +13,11 @@ magnitude pruning without training); 'polynomial' ramps sparsity from 0 to
 the target over the first 70% of the fine-tuning steps (TF-MOT's
 `PolynomialDecay`, power 3), so the last 30% train at the final mask.
 
+Basis: for a dot-product MF, `basis='svd'` (or 'auto', the default) first
+moves both tables to the balanced SVD basis (`compression.rotation`), which
+leaves every score unchanged and lets magnitude pruning drop weak
+directions instead of small entries; 'none' prunes the trained basis.
+
 1-wide tables (user/item biases) are kept dense unless `prune_biases`: they
 are a small share of the parameters and carry the popularity signal. Layers
 named in `exclude` (FedRecon's on-device user rows) are not pruned.
@@ -34,6 +39,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 
+from compression import rotation
 from tff_rec.data import centralized
 from tff_rec.data import ratings as ratings_lib
 from tff_rec.models import base
@@ -57,8 +63,12 @@ class PruningConfig:
   seed: int = 0
   # Row L2 of the embedding tables while fine-tuning (None: the model's own).
   finetune_l2: Optional[float] = None
+  # 'auto': the SVD basis for dot-product MF, the trained basis otherwise.
+  basis: str = 'auto'
 
   def __post_init__(self):
+    if self.basis not in rotation.BASES:
+      raise ValueError(f'basis must be one of {list(rotation.BASES)}, got {self.basis!r}')
     if self.finetune_l2 is not None and self.finetune_l2 < 0:
       raise ValueError(f'finetune_l2 must be >= 0, got {self.finetune_l2}')
     if not 0.0 < self.target_sparsity < 1.0:
@@ -80,6 +90,7 @@ class PruneResult:
   sparsity: dict  # weight name -> fraction of zeros (every weight)
   pruned_layers: tuple
   losses: list
+  basis: str = 'none'  # the basis pruned in: 'svd' or 'none'
 
 
 def weight_sparsity(model: tf.keras.Model) -> dict:
@@ -142,7 +153,10 @@ def prune(
   steps_per_epoch = max(1, math.ceil(examples / config.batch_size))
   schedule = _schedule(config, steps_per_epoch * max(config.finetune_epochs, 1))
 
+  basis = rotation.resolve(config.basis, model, exclude)
   work = _copy(model)
+  if basis == 'svd':
+    rotation.rotate_mf(work)
   if config.finetune_l2 is not None:
     for layer in work.layers:
       if isinstance(layer, base.EmbeddingLookup):
@@ -167,4 +181,4 @@ def prune(
     x = {'user': np.zeros([1], np.int32), 'item': np.zeros([1], np.int32)}
     wrapped.fit(x, np.zeros([1], np.float32), epochs=1, verbose=0, callbacks=callbacks)
   stripped = tfmot.sparsity.keras.strip_pruning(wrapped)
-  return PruneResult(stripped, weight_sparsity(stripped), tuple(names), losses)
+  return PruneResult(stripped, weight_sparsity(stripped), tuple(names), losses, basis)

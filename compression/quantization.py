@@ -379,6 +379,7 @@ def _custom_objects() -> dict:
   return {
       'EmbeddingLookup': base.EmbeddingLookup,
       'PersonalIndex': base.PersonalIndex,
+      'DropLastAxis': base.DropLastAxis,
       'GlobalBias': mf.GlobalBias,
       'EmbeddingQuantizeConfig': EmbeddingQuantizeConfig,
       'PerRowInt8Quantizer': PerRowInt8Quantizer,

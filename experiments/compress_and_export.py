@@ -38,6 +38,7 @@ from compression import federated_finetune
 from compression import pruning
 from compression import quantization
 from compression import report
+from compression import rotation
 from compression import tflite_export
 from tff_rec import runtime
 from tff_rec.data import splits as splits_lib
@@ -60,6 +61,10 @@ _PRUNE_SPARSITY = flags.DEFINE_float('prune_sparsity', 0.0, 'Target sparsity in 
 _PRUNE_SCHEDULE = flags.DEFINE_enum('prune_schedule', 'polynomial', list(pruning.SCHEDULES),
                                     'Pruning schedule.')
 _PRUNE_BIASES = flags.DEFINE_bool('prune_biases', False, 'Also prune 1-wide (bias) tables.')
+_PRUNE_BASIS = flags.DEFINE_enum(
+    'prune_basis', 'auto', list(rotation.BASES),
+    "Prune MF tables in their balanced SVD basis ('svd'; scores unchanged) or as trained "
+    "('none'); 'auto': 'svd' for dot-product MF with both tables on the server.")
 _FINETUNE_EPOCHS = flags.DEFINE_integer('finetune_epochs', 1,
                                         'Central fine-tuning epochs (pruning and QAT).')
 _FINETUNE = flags.DEFINE_enum(
@@ -102,6 +107,7 @@ class PipelineConfig:
   prune_sparsity: float = 0.0
   prune_schedule: str = 'polynomial'
   prune_biases: bool = False
+  prune_basis: str = 'auto'
   finetune_epochs: int = 1
   finetune_learning_rate: float = 1e-3
   finetune_l2: Optional[float] = None
@@ -143,12 +149,13 @@ class PipelineConfig:
   def pruning_config(self) -> pruning.PruningConfig:
     if self.finetune == 'federated':  # one-shot magnitude pruning; the rounds fine-tune
       return pruning.PruningConfig(target_sparsity=self.prune_sparsity, schedule='constant',
-                                   finetune_epochs=0, prune_biases=self.prune_biases)
+                                   finetune_epochs=0, prune_biases=self.prune_biases,
+                                   basis=self.prune_basis)
     return pruning.PruningConfig(
         target_sparsity=self.prune_sparsity, schedule=self.prune_schedule,
         finetune_epochs=self.finetune_epochs, batch_size=self.batch_size,
         learning_rate=self.finetune_learning_rate, prune_biases=self.prune_biases,
-        finetune_l2=self.finetune_l2)
+        finetune_l2=self.finetune_l2, basis=self.prune_basis)
 
   @property
   def artifacts_dir(self) -> str:
@@ -171,7 +178,7 @@ _FLAG_OF = {'quantize': 'quantize', 'tflite': 'tflite', 'prune_sparsity': 'prune
             'warmup_k': 'warmup_k', 'batch_size': 'finetune_batch_size',
             'finetune_l2': 'finetune_l2', 'finetune': 'finetune', 'rounds': 'federated_rounds',
             'clients_per_round': 'federated_clients_per_round',
-            'learning rates': 'federated_client_learning_rate'}
+            'learning rates': 'federated_client_learning_rate', 'basis': 'prune_basis'}
 
 
 def _flag_for(message: str) -> str:
@@ -201,7 +208,8 @@ def config_from_flags() -> PipelineConfig:
         run_dir=_RUN_DIR.value, export_base=_EXPORT_BASE.value, model_name=_MODEL_NAME.value,
         version=_VERSION.value, overwrite=_OVERWRITE.value, data_dir=_DATA_DIR.value,
         prune_sparsity=_PRUNE_SPARSITY.value, prune_schedule=_PRUNE_SCHEDULE.value,
-        prune_biases=_PRUNE_BIASES.value, finetune_epochs=_FINETUNE_EPOCHS.value,
+        prune_biases=_PRUNE_BIASES.value, prune_basis=_PRUNE_BASIS.value,
+        finetune_epochs=_FINETUNE_EPOCHS.value,
         finetune_learning_rate=_FINETUNE_LR.value, finetune_l2=_FINETUNE_L2.value,
         batch_size=_BATCH_SIZE.value, finetune=_FINETUNE.value,
         federated=federated_finetune.FederatedFinetuneConfig(
@@ -277,10 +285,15 @@ def run(config: PipelineConfig) -> PipelineResult:
   model = rec.keras_model
   sparsity = None
   if config.prune_sparsity:
+    local = [layer.name for layer in rec.local_layers]
+    try:
+      rotation.resolve(config.prune_basis, model, exclude=local)
+    except ValueError as e:
+      raise app.UsageError(f'--prune_basis: {e}') from e
     result = pruning.prune(model, task, split.train if split else None, config.pruning_config(),
-                           exclude=[layer.name for layer in rec.local_layers])
+                           exclude=local)
     model, sparsity = result.model, result.sparsity
-    logging.info('pruned %s: %s', result.pruned_layers, sparsity)
+    logging.info('pruned %s in the %s basis: %s', result.pruned_layers, result.basis, sparsity)
     if config.finetune == 'federated':
       finetune_dir = os.path.join(config.artifacts_dir, 'federated_finetune')
       if config.overwrite and os.path.isdir(finetune_dir):

@@ -39,7 +39,9 @@ def test_every_variant_is_measured(result):
   loaded, _ = result
   assert set(loaded['results']) == {
       'float32', 'int8', 'float16', 'pruned0.5', 'pruned0.7', 'pruned0.7+int8',
-      'pruned0.7-one-shot', 'pruned0.7-federated', 'float32+exclude_seen', 'int8+exclude_seen'}
+      'pruned0.7-one-shot', 'pruned0.7-federated', 'pruned0.7-trained-basis',
+      'float32+exclude_seen', 'int8+exclude_seen'}
+  assert loaded['pruning']['basis'] == 'svd'
   for name, row in loaded['results'].items():
     assert row['raw_bytes'] > 0 and row['gzip_bytes'] > 0, name
     assert np.isfinite(row['rmse']) and row['recommend_p50_ms'] > 0, name
@@ -59,6 +61,9 @@ def test_summary_targets_and_markdown(result):
   assert loaded['machine']['versions']['tensorflow-federated']
   assert md.startswith('# Compression benchmark') and 'pruned0.7-federated' in md
   assert '| 16 |' in md
+  for dim in ('8', '16'):
+    assert np.isfinite(loaded['summary']['int8_by_dim'][dim]['prune_rmse_delta'])
+    assert loaded['summary']['int8_by_dim'][dim]['prune_gzip_ratio'] > 1
 
 
 def test_bad_flag_names_the_flag(tmp_path):

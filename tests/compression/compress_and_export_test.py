@@ -114,3 +114,13 @@ def test_existing_version_flag_error(mf_run, tmp_path):
   with flagsaver.flagsaver(run_dir=mf_run, export_base=str(tmp_path), model_name='m'):
     with pytest.raises(app.UsageError, match='--overwrite: .*already exists'):
       compress_and_export.config_from_flags()
+
+
+def test_svd_basis_on_a_fedrecon_run_is_a_usage_error(fedrecon_run, tmp_path):
+  config = compress_and_export.PipelineConfig(
+      run_dir=fedrecon_run, export_base=str(tmp_path / 'e'), model_name='recon',
+      prune_sparsity=0.5, prune_schedule='constant', finetune_epochs=0, prune_basis='svd',
+      report=False)
+  with pytest.raises(app.UsageError, match='--prune_basis: .*stay on the device'):
+    compress_and_export.run(config)
+  assert not (tmp_path / 'e' / 'recon' / '1').exists()

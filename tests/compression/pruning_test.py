@@ -25,7 +25,9 @@ def split():
 def test_one_shot_constant_pruning(mf):
   rec = mf[0]
   before = [w.copy() for w in rec.keras_model.get_weights()]
-  result = pruning.prune(rec.keras_model, 'rating', None, pruning.PruningConfig(0.8, 'constant', 0))
+  result = pruning.prune(rec.keras_model, 'rating', None,
+                         pruning.PruningConfig(0.8, 'constant', 0, basis='none'))
+  assert result.basis == 'none'
   assert result.pruned_layers == ('user_embedding', 'item_embedding')
   assert result.sparsity['user_embedding/embeddings:0'] == pytest.approx(0.8, abs=0.01)
   assert result.sparsity['item_embedding/embeddings:0'] == pytest.approx(0.8, abs=0.01)
@@ -72,6 +74,8 @@ def test_invalid_configs():
     pruning.PruningConfig(0.5, 'polynomial', finetune_epochs=0)
   with pytest.raises(ValueError, match='schedule'):
     pruning.PruningConfig(0.5, 'cubic')
+  with pytest.raises(ValueError, match='basis'):
+    pruning.PruningConfig(0.5, basis='pca')
   with pytest.raises(ValueError, match='needs the training ratings'):
     pruning.prune(tf.keras.Sequential([tf.keras.layers.Dense(1)]), 'rating', None,
                   pruning.PruningConfig(0.5, 'constant', 1))

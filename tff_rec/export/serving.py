@@ -8,9 +8,9 @@ Layout (what TF Serving's `--model_config_file` expects):
                                          assets.extra/tf_serving_warmup_requests
 
 The SavedModel is a plain `tf.Module` (no Keras metadata); raw ids are
-strings mapped to dense indices (and back) by `tf.lookup.StaticHashTable`s
-initialized from the run's id maps, stored once as `assets/user_ids.txt` and
-`assets/item_ids.txt`. Signatures:
+strings mapped to dense indices (and back) in the graph (`id_maps`): integer
+ids as runs of consecutive ids in small variables, other ids by hash tables
+read from `assets/user_ids.txt` and `assets/item_ids.txt`. Signatures:
 
 * models with a server-side user table (`user_embedding` 'table'; 'shared'
   models have one user row for everybody):
@@ -70,6 +70,7 @@ from tensorflow_serving.config import model_server_config_pb2
 
 from tff_rec import atomic
 from tff_rec.data import ratings as ratings_lib
+from tff_rec.export import id_maps
 from tff_rec.export import warmup
 from tff_rec.models import base
 from tff_rec.models import registry
@@ -220,43 +221,18 @@ def _full_table(layer) -> tf.Tensor:
 # Serving modules.
 
 
-def _lookup(table, ids, policy: str, fallback: int, what: str):
+def _lookup(id_map, ids, policy: str, fallback: int, what: str):
   """Dense indices of raw ids under the unknown-id policy, and which were known."""
-  idx = table.lookup(ids)
+  idx = id_map.index_of(ids)
   known = idx >= 0
   if policy == 'error':
-    check = tf.debugging.Assert(
-        tf.reduce_all(known),
-        [f'unknown {what}(s):', tf.boolean_mask(ids, tf.logical_not(known))], summarize=20)
+    unknown = tf.gather(ids, tf.reshape(tf.where(tf.logical_not(known)), [-1]))
+    check = tf.debugging.Assert(tf.reduce_all(known), [f'unknown {what}(s):', unknown], summarize=20)
     with tf.control_dependencies([check]):
       idx = tf.identity(idx)
   else:
     idx = tf.where(known, idx, tf.constant(fallback, idx.dtype))
   return tf.cast(idx, tf.int32), known
-
-
-class _IdMap(tf.Module):
-  """Raw id <-> dense index tables read from a one-id-per-line asset file.
-
-  The file is saved under the SavedModel's `assets/` (TF tracks the
-  `TextFileInitializer` filename as an asset), so the ids are stored once as
-  text instead of as string and int64 constants in the graph.
-  """
-
-  def __init__(self, raw_ids: Sequence[str], path: str):
-    super().__init__()
-    with open(path, 'w', encoding='utf-8') as f:
-      for r in raw_ids:
-        r = str(r)
-        if not r or '\n' in r or '\r' in r:
-          raise ExportError(f'raw id {r!r} cannot be stored one per line')
-        f.write(r + '\n')
-    line = tf.lookup.TextFileIndex
-    self.to_index = tf.lookup.StaticHashTable(
-        tf.lookup.TextFileInitializer(path, tf.string, line.WHOLE_LINE, tf.int64, line.LINE_NUMBER), -1)
-    self.to_id = tf.lookup.StaticHashTable(
-        tf.lookup.TextFileInitializer(path, tf.int64, line.LINE_NUMBER, tf.string, line.WHOLE_LINE), '')
-    self.size = len(raw_ids)
 
 
 class _Functions:
@@ -272,7 +248,7 @@ def _named(variables) -> dict:
 
 
 def _positive_k(k, n: int):
-  check = tf.debugging.assert_positive(k, message='k must be positive')
+  check = tf.debugging.Assert(k > 0, ['k must be positive, got', k])
   with tf.control_dependencies([check]):
     return tf.minimum(k, n)
 
@@ -285,8 +261,8 @@ class _TableServing(tf.Module):
     super().__init__(name='recommender')
     self.model_variables = _named(model.variables)
     score = lambda users, items: model({'user': users, 'item': items}, training=False)
-    self.users = _IdMap(user_ids, os.path.join(id_dir, 'user_ids.txt'))
-    self.items = _IdMap(item_ids, os.path.join(id_dir, 'item_ids.txt'))
+    self.users = id_maps.build(user_ids, os.path.join(id_dir, 'user_ids.txt'))
+    self.items = id_maps.build(item_ids, os.path.join(id_dir, 'item_ids.txt'))
     num_users, num_items = len(user_ids), len(item_ids)
     personal = model_config['user_embedding'] != 'table'
     user_fallback = 0 if personal else num_users
@@ -301,14 +277,15 @@ class _TableServing(tf.Module):
                                     name='seen_items')
 
     def lookup_users(user_id):
-      return _lookup(self.users.to_index, user_id, options.unknown_user, user_fallback, 'user_id')
+      return _lookup(self.users, user_id, options.unknown_user, user_fallback, 'user_id')
 
     def predict(user_id, item_id):
-      shape_check = tf.debugging.assert_equal(
-          tf.shape(user_id), tf.shape(item_id), message='user_id and item_id must have the same length')
+      shape_check = tf.debugging.Assert(
+          tf.equal(tf.size(user_id), tf.size(item_id)),
+          ['user_id and item_id must have the same length, got', tf.size(user_id), tf.size(item_id)])
       with tf.control_dependencies([shape_check]):
         users, known_users = lookup_users(user_id)
-      items, known_items = _lookup(self.items.to_index, item_id, options.unknown_item, num_items, 'item_id')
+      items, known_items = _lookup(self.items, item_id, options.unknown_item, num_items, 'item_id')
       s = score(users, items)
       out = {'prediction': tf.clip_by_value(s, low, high) if rating else s,
              'cold_start': tf.logical_not(tf.logical_and(known_users, known_items))}
@@ -320,7 +297,8 @@ class _TableServing(tf.Module):
       users, known = lookup_users(user_id)
       batch = tf.shape(users)[0]
       scores = tf.reshape(
-          score(tf.repeat(users, num_items), tf.tile(tf.range(num_items, dtype=tf.int32), [batch])),
+          score(tf.reshape(tf.tile(users[:, None], [1, num_items]), [-1]),
+                tf.tile(tf.range(num_items, dtype=tf.int32), [batch])),
           [batch, num_items])
       if options.exclude_seen:
         starts = tf.gather(self.seen_splits, users)
@@ -331,7 +309,7 @@ class _TableServing(tf.Module):
             scores, tf.stack([rows, seen_items], axis=1),
             tf.fill(tf.shape(seen_items), tf.constant(-np.inf, scores.dtype)))
       top = tf.math.top_k(scores, _positive_k(k, num_items))
-      return {'item_ids': self.items.to_id.lookup(tf.cast(top.indices, tf.int64)),
+      return {'item_ids': self.items.id_of(top.indices),
               'scores': top.values, 'cold_start': tf.logical_not(known)}
 
     self.functions = _Functions(
@@ -358,7 +336,7 @@ class _ReconServing(tf.Module):
     mean_layer = model.get_layer('global_bias') if 'global_bias' in names else None
     used = [item_layer] + [x for x in (bias_layer, mean_layer) if x is not None]
     self.model_variables = _named([v for layer in used for v in layer.variables])
-    self.items = _IdMap(item_ids, os.path.join(id_dir, 'item_ids.txt'))
+    self.items = id_maps.build(item_ids, os.path.join(id_dir, 'item_ids.txt'))
     num_items = len(item_ids)
     has_bias = bias_layer is not None
     l2 = options.recon_l2 or float(model_config['hparams'].get('l2') or 0.0) or DEFAULT_RECON_L2
@@ -376,7 +354,7 @@ class _ReconServing(tf.Module):
           tf.shape(history_item_id), tf.shape(history_rating),
           message='history_item_id and history_rating must have the same length')
       with tf.control_dependencies([check]):
-        idx, known = _lookup(self.items.to_index, history_item_id, options.unknown_item, 0,
+        idx, known = _lookup(self.items, history_item_id, options.unknown_item, 0,
                              'history item_id')
       q, b, mu = weights()
       x = tf.gather(q, idx)
@@ -396,7 +374,7 @@ class _ReconServing(tf.Module):
 
     def predict(history_item_id, history_rating, item_id):
       p, bu, _, _ = reconstruct(history_item_id, history_rating)
-      items, known = _lookup(self.items.to_index, item_id, options.unknown_item, num_items, 'item_id')
+      items, known = _lookup(self.items, item_id, options.unknown_item, num_items, 'item_id')
       q, b, mu = weights()
       s = tf.linalg.matvec(tf.gather(q, items), p) + tf.gather(b, items) + mu + bu
       return {'prediction': tf.clip_by_value(s, low, high), 'cold_start': tf.logical_not(known)}
@@ -410,7 +388,7 @@ class _ReconServing(tf.Module):
         scores = tf.tensor_scatter_nd_update(
             scores, seen[:, None], tf.fill(tf.shape(seen), tf.constant(-np.inf, scores.dtype)))
       top = tf.math.top_k(scores, _positive_k(k, num_items))
-      return {'item_ids': self.items.to_id.lookup(tf.cast(top.indices, tf.int64)),
+      return {'item_ids': self.items.id_of(top.indices),
               'scores': top.values}
 
     history = [tf.TensorSpec([None], tf.string, name='history_item_id'),
@@ -548,10 +526,13 @@ def export(
   user_ids, item_ids = user_index.raw_ids.tolist(), item_index.raw_ids.tolist()
   model = build_serving_model(keras_model, model_config, options, storage_fn)
   with tempfile.TemporaryDirectory(prefix='tff_rec_ids_') as id_dir:
-    if variant == 'local':
-      module = _ReconServing(model, model_config, item_ids, options, id_dir)
-    else:
-      module = _TableServing(model, model_config, user_ids, item_ids, options, seen, id_dir)
+    try:
+      if variant == 'local':
+        module = _ReconServing(model, model_config, item_ids, options, id_dir)
+      else:
+        module = _TableServing(model, model_config, user_ids, item_ids, options, seen, id_dir)
+    except id_maps.IdMapError as e:
+      raise ExportError(str(e)) from e
     return _save(module, model_config, user_ids, item_ids, export_base, model_name, version,
                  final, options, overwrite)
 

@@ -55,15 +55,15 @@ def build_mf(
   p = user_emb(user_index)
   q = item_emb(inputs['item'])
   score = tf.keras.layers.Dot(axes=1, name='dot')([p, q])
-  score = tf.keras.layers.Reshape((), name='flatten')(score)
+  score = base.DropLastAxis(name='flatten')(score)
   local_layers = [user_emb]
   global_layers = [item_emb]
   emb_names = ['item_embedding']
   if use_biases:
     user_bias = base.EmbeddingLookup(user_rows, 1, l2=l2, initializer='zeros', name='user_bias')
     item_bias = base.EmbeddingLookup(num_items, 1, l2=l2, initializer='zeros', name='item_bias')
-    bu = tf.keras.layers.Reshape((), name='user_bias_flat')(user_bias(user_index))
-    bi = tf.keras.layers.Reshape((), name='item_bias_flat')(item_bias(inputs['item']))
+    bu = base.DropLastAxis(name='user_bias_flat')(user_bias(user_index))
+    bi = base.DropLastAxis(name='item_bias_flat')(item_bias(inputs['item']))
     score = tf.keras.layers.Add(name='add_biases')([score, bu, bi])
     mean = GlobalBias(global_mean, name='global_bias')
     score = mean(score)

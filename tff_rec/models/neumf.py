@@ -131,7 +131,7 @@ def _head(parts: _Parts, vector: tf.Tensor, *, name: str, task: str, global_mean
       1, name=name,
       kernel_initializer=tf.keras.initializers.LecunUniform(seed=seed + _SEED_HEAD))
   parts.other_global.append(dense)
-  score = tf.keras.layers.Reshape((), name=f'{name}_flat')(dense(vector))
+  score = base.DropLastAxis(name=f'{name}_flat')(dense(vector))
   if task == base.TASK_RATING:
     bias = mf.GlobalBias(global_mean, name='global_bias')
     parts.other_global.append(bias)

@@ -76,7 +76,7 @@ def build_two_tower(
   user_vec, user_dense = _tower(user_emb(user_index), 'user', user_layers, seed + 10)
   item_vec, item_dense = _tower(item_emb(inputs['item']), 'item', item_layers, seed + 100)
   score = tf.keras.layers.Dot(axes=1, name='dot')([user_vec, item_vec])
-  score = tf.keras.layers.Reshape((), name='flatten')(score)
+  score = base.DropLastAxis(name='flatten')(score)
   model = tf.keras.Model(inputs=inputs, outputs=score, name='two_tower')
   local_layers = [user_emb, *user_dense]
   global_layers = [item_emb, *item_dense]
