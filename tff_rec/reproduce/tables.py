@@ -820,8 +820,9 @@ CP_TRIVIAL = 'Global mean (trivial)'
 CP_FLOAT = 'float32 (no compression)'
 CP_F16 = 'float16 storage'
 CP_INT8 = 'int8 storage (per-row scales)'
-CP_PRUNE = 'pruned {:.0%} + 1 epoch fine-tuning'
-CP_PRUNE_INT8 = 'pruned 80% + int8'
+CP_PRUNE = 'pruned {:.0%} (SVD basis) + 1 epoch fine-tuning'
+CP_PRUNE_TRAINED = 'pruned 80% (trained basis) + 1 epoch fine-tuning'
+CP_PRUNE_INT8 = 'pruned 80% (SVD basis) + int8'
 CP_SPARSITIES = (0.5, 0.8, 0.9)
 # variant -> (compression mode, TFF's adaptive zeroing and clipping, row label). The
 # first three differ only in quantization; the last is `tff.learning.compression_aggregator`.
@@ -836,7 +837,8 @@ CP_COMM_ROWS = {variant: label for variant, (_, _, label) in CP_COMM_VARIANTS.it
 
 
 def _size_rows() -> list[str]:
-  return [CP_FLOAT, CP_F16, CP_INT8] + [CP_PRUNE.format(p) for p in CP_SPARSITIES] + [CP_PRUNE_INT8]
+  return ([CP_FLOAT, CP_F16, CP_INT8] + [CP_PRUNE.format(p) for p in CP_SPARSITIES]
+          + [CP_PRUNE_TRAINED, CP_PRUNE_INT8])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -904,8 +906,10 @@ def compression_table() -> harness.TableSpec:
           'centrally on a random 90/10 split of ML-1M, then compressed with `compression/`: '
           'float16 or int8 storage (`quantization.quantize_storage`: per-row int8 scales for '
           'embedding tables), magnitude pruning of the embedding tables with TF-MOT '
-          '(`pruning.prune`, polynomial schedule, 1 epoch of Adam 0.001 fine-tuning; bias '
-          'tables kept dense), and pruning followed by int8. Size = bytes of the saved '
+          '(`pruning.prune`, constant schedule, 1 epoch of Adam 0.001 fine-tuning; bias '
+          'tables kept dense) in the balanced SVD basis of the two tables '
+          '(`compression.rotation`: scores unchanged, weak directions pruned first) and, for '
+          'comparison, in the basis training ended in; and pruning followed by int8. Size = bytes of the saved '
           'weights (TF checkpoint) and the sum of gzip -9 of its files (pruned zeros only '
           'shrink the gzip size). Communication: FedRecon (google-research model and data: MF '
           'dim 50, batch 5, <= 300 ratings per user, SGD 0.5 / 1.0 / 0.1, 5 reconstruction '
@@ -936,7 +940,8 @@ def compression_table() -> harness.TableSpec:
 def _cp_model_config(s: _CpSetting, seed: int) -> dict:
   return dict(model='mf', embedding_dim=32, l2=0.1, init_stddev=0.1, optimizer='adam',
               learning_rate=0.003, batch_size=1024, epochs=s.central_epochs,
-              finetune_epochs=s.finetune_epochs, sparsities=list(CP_SPARSITIES), seed=seed)
+              finetune_epochs=s.finetune_epochs, sparsities=list(CP_SPARSITIES),
+              prune_schedule='constant', prune_basis='svd', seed=seed)
 
 
 def _weights_size(model, report) -> tuple[int, int]:
@@ -978,15 +983,17 @@ def _cp_size(s: _CpSetting, seed: int, ctx: harness.CellContext) -> dict:
   for mode, label in (('float16', CP_F16), ('int8', CP_INT8)):
     stored, _ = quantization.quantize_storage(base, mode)
     out[label] = measure(base, stored)
-  schedule = 'polynomial' if s.finetune_epochs else 'constant'
   pruned_80 = None
+  config = lambda p, basis: pruning.PruningConfig(
+      target_sparsity=p, schedule='constant', finetune_epochs=s.finetune_epochs,
+      batch_size=1024, learning_rate=1e-3, seed=seed, basis=basis)
   for p in CP_SPARSITIES:
-    result = pruning.prune(base, 'rating', split.train, pruning.PruningConfig(
-        target_sparsity=p, schedule=schedule, finetune_epochs=s.finetune_epochs,
-        batch_size=1024, learning_rate=1e-3, seed=seed))
+    result = pruning.prune(base, 'rating', split.train, config(p, 'svd'))
     out[CP_PRUNE.format(p)] = measure(result.model)
     if p == 0.8:
       pruned_80 = result.model
+  out[CP_PRUNE_TRAINED] = measure(
+      pruning.prune(base, 'rating', split.train, config(0.8, 'none')).model)
   stored, _ = quantization.quantize_storage(pruned_80, 'int8')
   out[CP_PRUNE_INT8] = measure(pruned_80, stored)
   return out
