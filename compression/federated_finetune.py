@@ -11,8 +11,11 @@ so an interrupted fine-tuning resumes; a `run_dir` holding a fine-tuning of
 other inputs is refused), and returns the plain model with the
 masks applied to the final weights: exactly as sparse as its input.
 
-Only embedding tables take a fixed mask here; a pruned Dense kernel (NeuMF,
-two-tower) raises `ValueError` (fine-tune those centrally, `pruning.prune`).
+Only embedding tables take a fixed mask here (they hold nearly all of a
+recommender's weights): prune with `PruningConfig(prune_dense=False)`, as
+`experiments.compress_and_export --finetune=federated` does, and the Dense
+layers of NeuMF / two-tower models are fine-tuned dense. A pruned Dense
+kernel raises `ValueError`.
 """
 
 from __future__ import annotations
@@ -92,7 +95,8 @@ def masks_of(model: tf.keras.Model, exclude=()) -> dict[str, np.ndarray]:
     elif isinstance(layer, tf.keras.layers.Dense) and np.any(table == 0):
       raise ValueError(
           f'layer {layer.name!r} (Dense) is pruned, but federated fine-tuning keeps fixed masks '
-          'on embedding tables only; fine-tune this model centrally (compression.pruning)')
+          'on embedding tables only; prune with prune_dense=False, or fine-tune this model '
+          'centrally (compression.pruning)')
   return masks
 
 

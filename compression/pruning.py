@@ -19,7 +19,8 @@ leaves every score unchanged and lets magnitude pruning drop weak
 directions instead of small entries; 'none' prunes the trained basis.
 
 1-wide tables (user/item biases) are kept dense unless `prune_biases`: they
-are a small share of the parameters and carry the popularity signal. Layers
+are a small share of the parameters and carry the popularity signal. Dense
+kernels (NeuMF, two-tower) are pruned unless `prune_dense=False`. Layers
 named in `exclude` (FedRecon's on-device user rows) are not pruned.
 
 Federated fine-tuning is `compression.federated_finetune`: prune here
@@ -59,6 +60,7 @@ class PruningConfig:
   learning_rate: float = 1e-3
   frequency: int = 100
   prune_biases: bool = False
+  prune_dense: bool = True  # False: embedding tables only (e.g. before federated fine-tuning)
   negatives_per_positive: int = 4  # implicit models
   seed: int = 0
   # Row L2 of the embedding tables while fine-tuning (None: the model's own).
@@ -103,7 +105,7 @@ def weight_sparsity(model: tf.keras.Model) -> dict:
 
 
 def prunable_layers(model: tf.keras.Model, prune_biases: bool = False,
-                    exclude: Sequence[str] = ()) -> list[str]:
+                    exclude: Sequence[str] = (), prune_dense: bool = True) -> list[str]:
   """Names of the layers `prune` wraps."""
   names = []
   for layer in model.layers:
@@ -111,7 +113,7 @@ def prunable_layers(model: tf.keras.Model, prune_biases: bool = False,
       continue
     if isinstance(layer, base.EmbeddingLookup) and (layer.output_dim > 1 or prune_biases):
       names.append(layer.name)
-    elif isinstance(layer, tf.keras.layers.Dense):
+    elif isinstance(layer, tf.keras.layers.Dense) and prune_dense:
       names.append(layer.name)
   return names
 
@@ -145,7 +147,7 @@ def prune(
 
   if config.finetune_epochs and train is None:
     raise ValueError('fine-tuning needs the training ratings')
-  names = prunable_layers(model, config.prune_biases, exclude)
+  names = prunable_layers(model, config.prune_biases, exclude, config.prune_dense)
   if not names:
     raise ValueError(f'model {model.name!r} has no prunable layers')
   negatives = config.negatives_per_positive if task == base.TASK_IMPLICIT else 0

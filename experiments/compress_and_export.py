@@ -147,10 +147,12 @@ class PipelineConfig:
                 or self.quantize == 'qat' or self.export.exclude_seen or self.report)
 
   def pruning_config(self) -> pruning.PruningConfig:
-    if self.finetune == 'federated':  # one-shot magnitude pruning; the rounds fine-tune
+    if self.finetune == 'federated':
+      # One-shot magnitude pruning of the embedding tables (federated fine-tuning keeps
+      # fixed masks on tables only; Dense kernels stay dense); the rounds fine-tune.
       return pruning.PruningConfig(target_sparsity=self.prune_sparsity, schedule='constant',
                                    finetune_epochs=0, prune_biases=self.prune_biases,
-                                   basis=self.prune_basis)
+                                   prune_dense=False, basis=self.prune_basis)
     return pruning.PruningConfig(
         target_sparsity=self.prune_sparsity, schedule=self.prune_schedule,
         finetune_epochs=self.finetune_epochs, batch_size=self.batch_size,

@@ -56,8 +56,31 @@ def test_spec_masks_only_embedding_tables():
 def test_pruned_dense_layers_are_refused():
   rec = registry.build_model('neumf', 20, 30, factors=4, layers=(8, 4), init_stddev=0.3)
   pruned = pruning.prune(rec.keras_model, 'implicit', None, pruning.PruningConfig(0.5, 'constant', 0))
-  with pytest.raises(ValueError, match='Dense.*fine-tune this model centrally'):
+  with pytest.raises(ValueError, match='Dense.*prune_dense=False'):
     federated_finetune.masks_of(pruned.model)
+
+
+def test_neumf_tables_pruned_and_finetuned_with_dense_layers_dense(split, tff_context, tmp_path):
+  del tff_context
+  hparams = dict(factors=4, layers=(8, 4))
+  train = split.train
+  rec = registry.build_model('neumf', train.num_users, train.num_items, init_stddev=0.3, **hparams)
+  pruned = pruning.prune(rec.keras_model, 'implicit', None,
+                         pruning.PruningConfig(0.6, 'constant', 0, prune_dense=False))
+  assert not any('dense' in name or name == 'prediction' for name in pruned.pruned_layers)
+  model_config = {'model': 'neumf', 'hparams': hparams, 'task': 'implicit',
+                  'num_users': train.num_users, 'num_items': train.num_items,
+                  'user_embedding': 'table', 'seed': 0}
+  result = federated_finetune.finetune(pruned.model, model_config, train, _CONFIG,
+                                       str(tmp_path / 'ft'))
+  assert set(result.masks) == set(pruned.pruned_layers)
+  for name in result.masks:
+    old = pruned.model.get_layer(name).get_weights()[0]
+    new = result.model.get_layer(name).get_weights()[0]
+    np.testing.assert_array_equal(new == 0, old == 0)
+  kernel = result.model.get_layer('mlp_dense_0').get_weights()[0]
+  assert np.all(kernel != 0)
+  assert np.abs(kernel - pruned.model.get_layer('mlp_dense_0').get_weights()[0]).max() > 1e-5
 
 
 def test_fedavg_finetuning_keeps_the_sparsity_pattern(mf_run, split, tff_context, tmp_path):
