@@ -182,6 +182,12 @@ def test_unknown_ids_raise_with_error_policy(exports):
     loaded.signatures['recommend'](user_id=tf.constant(['nobody']), k=tf.constant(3))
   with pytest.raises(tf.errors.InvalidArgumentError, match='k must be positive'):
     loaded.signatures['recommend'](user_id=tf.constant(['0']), k=tf.constant(0))
+  with pytest.raises(tf.errors.InvalidArgumentError, match='same length'):
+    loaded.signatures['serving_default'](user_id=tf.constant(['0', '1']), item_id=tf.constant(['1']))
+  # The message names the unknown ids (integer ids outside the runs, and non-integers).
+  with pytest.raises(tf.errors.InvalidArgumentError, match=r'unknown item_id.*\[007 -1\]'):
+    loaded.signatures['serving_default'](user_id=tf.constant(['0', '0', '0']),
+                                         item_id=tf.constant(['1', '007', '-1']))
 
 
 def test_unknown_ids_cold_start_fall_back_to_biases(exports, mf):

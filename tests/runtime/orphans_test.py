@@ -13,7 +13,10 @@ from tests import processes
 from tests import shared_data
 
 _CHILD = textwrap.dedent('''
-    import sys, time
+    import signal, sys, time
+    # Ctrl-C's default, even when the test runs where SIGINT is inherited ignored
+    # (e.g. a background job of a non-interactive shell).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from tff_rec import runtime
     import tensorflow as tf
     import tensorflow_federated as tff
@@ -80,11 +83,16 @@ def test_worker_dies_with_parent_on_exit(mode, expect_code):
 @pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
 def test_worker_dies_with_parent_on_signal(sig):
   proc = _start('wait')
-  worker = _read_worker_pid(proc, wait_ready=True)
-  assert worker in _worker_binaries()
-  proc.send_signal(sig)  # SIGINT is what Ctrl-C delivers.
-  proc.wait(timeout=60)
-  assert processes.gone(worker), f'worker_binary {worker} outlived its parent ({sig.name})'
+  try:
+    worker = _read_worker_pid(proc, wait_ready=True)
+    assert worker in _worker_binaries()
+    proc.send_signal(sig)  # SIGINT is what Ctrl-C delivers.
+    proc.wait(timeout=60)
+    assert processes.gone(worker), f'worker_binary {worker} outlived its parent ({sig.name})'
+  finally:
+    if proc.poll() is None:  # a failed test must not leave the sleeping child behind
+      proc.kill()
+      proc.wait(timeout=60)
 
 
 def test_no_worker_started_by_tff_default_context_leaks():
