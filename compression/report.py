@@ -227,7 +227,7 @@ def to_markdown(rows: Sequence[ReportRow], title: str = 'Compression report',
     keys.extend(k for k in row if k not in keys and k != 'path')
   lines = [f'# {title}', '', '| ' + ' | '.join(keys) + ' |', '|' + '---|' * len(keys)]
   for row in flat:
-    lines.append('| ' + ' | '.join(_fmt(row.get(k)) for k in keys) + ' |')
+    lines.append('| ' + ' | '.join(_fmt(row.get(k)).replace('|', '\\|') for k in keys) + ' |')
   if len(rows) > 1:
     base = rows[0]
     lines += ['', f'Relative to `{base.artifact}`:', '']

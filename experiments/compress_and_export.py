@@ -285,7 +285,7 @@ def run(config: PipelineConfig) -> PipelineResult:
       raise app.UsageError(f'--run_data_dir: cannot rebuild the training split of {config.run_dir}: {e}') from e
   task = model_config['task']
   model = rec.keras_model
-  sparsity = None
+  sparsity, basis = None, None
   if config.prune_sparsity:
     local = [layer.name for layer in rec.local_layers]
     try:
@@ -294,8 +294,8 @@ def run(config: PipelineConfig) -> PipelineResult:
       raise app.UsageError(f'--prune_basis: {e}') from e
     result = pruning.prune(model, task, split.train if split else None, config.pruning_config(),
                            exclude=local)
-    model, sparsity = result.model, result.sparsity
-    logging.info('pruned %s in the %s basis: %s', result.pruned_layers, result.basis, sparsity)
+    model, sparsity, basis = result.model, result.sparsity, result.basis
+    logging.info('pruned %s in the %s basis: %s', result.pruned_layers, basis, sparsity)
     if config.finetune == 'federated':
       finetune_dir = os.path.join(config.artifacts_dir, 'federated_finetune')
       if config.overwrite and os.path.isdir(finetune_dir):
@@ -327,7 +327,7 @@ def run(config: PipelineConfig) -> PipelineResult:
     report_paths = report.write_report(rows, config.artifacts_dir, extra={
         'run_dir': config.run_dir, 'model': model_config['model'],
         'user_embedding': model_config['user_embedding'], 'quantize': config.quantize,
-        'prune_sparsity': config.prune_sparsity, 'finetune': config.finetune,
+        'prune_sparsity': config.prune_sparsity, 'prune_basis': basis, 'finetune': config.finetune,
         'sparsity_per_weight': sparsity})
   return PipelineResult(exported, tflite_path, report_paths, rows, sparsity)
 

@@ -31,7 +31,8 @@ def test_param_counts():
 def test_write_report_csv_and_markdown(tmp_path):
   rows = [
       report.ReportRow('float32', '/x/1', 4000, 3000, 100, 100, {'rmse': 0.9}, 1.0, 2.0),
-      report.ReportRow('int8', '/x/2', 1000, 800, 100, 90, {'rmse': 0.91}, 1.1, 2.5),
+      report.ReportRow('int8', '/x/2', 1000, 800, 100, 90, {'rmse': 0.91}, 1.1, 2.5,
+                       notes='max |int8 - float| = 0.02'),
   ]
   csv_path, md_path = report.write_report(rows, str(tmp_path / 'r'), extra={'run_dir': 'runs/a'})
   with open(csv_path) as f:
@@ -40,5 +41,9 @@ def test_write_report_csv_and_markdown(tmp_path):
   assert table[1]['gzip_bytes'] == '800' and table[1]['rmse'] == '0.91'
   md = open(md_path).read()
   assert '| int8 | 1000 | 800 |' in md
+  int8_line = next(line for line in md.splitlines() if line.startswith('| int8 |'))
+  header = md.splitlines()[2]
+  assert 'max \\|int8 - float\\| = 0.02' in int8_line  # pipes in cells are escaped
+  assert int8_line.count(' | ') == header.count(' | ')
   assert 'raw 4.00x smaller' in md and 'rmse +0.0100' in md and 'run_dir: runs/a' in md
   assert sorted(os.listdir(tmp_path / 'r')) == ['compression_report.csv', 'compression_report.md']
