@@ -42,6 +42,7 @@ def test_lookups_agree_with_the_id_list(tmp_path, kind):
   assert _strings(m.id_of(tf.constant([[8, 0], [3, 6]]))) == ['21', '10', '1', '7']
   unknown = ['0', '4', '9', '13', '22', '-1', '01', 'x', '', '99999999999999999999']
   np.testing.assert_array_equal(m.index_of(tf.constant(unknown)).numpy(), -1)
+  assert _strings(m.id_of(tf.constant([-1, 9, 100, 2]))) == ['', '', '', '12']
 
 
 def test_range_map_refuses_non_integer_or_repeated_ids():

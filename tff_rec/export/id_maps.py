@@ -13,7 +13,7 @@
   asset, so the ids are stored once, under `assets/`).
 
 Both expose `index_of(ids) -> int64` (-1 for unknown ids) and
-`id_of(indices) -> string`.
+`id_of(indices) -> string` ('' for indices outside the map).
 """
 
 from __future__ import annotations
@@ -120,9 +120,12 @@ class RangeIdMap(tf.Module):
       run = tf.searchsorted(offsets, flat, side='right') - 1
     else:
       by_offset = tf.argsort(offsets)
-      run = tf.gather(by_offset, tf.searchsorted(tf.gather(offsets, by_offset), flat, side='right') - 1)
-    run = tf.reshape(run, tf.shape(indices))
-    return tf.strings.as_string(tf.gather(starts, run) + indices - tf.gather(offsets, run))
+      position = tf.searchsorted(tf.gather(offsets, by_offset), flat, side='right') - 1
+      run = tf.gather(by_offset, tf.maximum(position, 0))
+    run = tf.reshape(tf.maximum(run, 0), tf.shape(indices))
+    ids = tf.strings.as_string(tf.gather(starts, run) + indices - tf.gather(offsets, run))
+    inside = (indices >= 0) & (indices < self.size)
+    return tf.where(inside, ids, '')
 
 
 def build(raw_ids: Sequence[str], path: str) -> TextIdMap | RangeIdMap:

@@ -5,8 +5,8 @@ Per run directory:
   metrics.csv                         TFF `CSVFileReleaseManager`
   tensorboard/                        TFF `TensorBoardReleaseManager`
 and a progress bar (round, loss, metric, ETA). Rerunning the same command
-after a crash resumes from the latest checkpoint; rows of metrics.csv past it
-are replaced.
+after a crash resumes from the latest complete checkpoint (damaged ones are
+moved to checkpoints/incomplete/); rows of metrics.csv past it are replaced.
 """
 
 from __future__ import annotations
@@ -101,13 +101,46 @@ def _clean_partial_checkpoints(checkpoint_dir: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def latest_checkpoint_round(run_dir: str) -> Optional[int]:
-  """The round of the newest complete checkpoint in `run_dir`, if any."""
-  rounds = []
-  for path in glob.glob(os.path.join(run_dir, 'checkpoints', 'program_state_*')):
+def _checkpoint_rounds(checkpoint_dir: str) -> dict[int, str]:
+  """Round -> path of every `program_state_<round>` directory."""
+  rounds = {}
+  for path in glob.glob(os.path.join(checkpoint_dir, 'program_state_*')):
     suffix = os.path.basename(path)[len('program_state_'):]
     if suffix.isdigit():
-      rounds.append(int(suffix))
+      rounds[int(suffix)] = path
+  return rounds
+
+
+def is_complete_checkpoint(path: str) -> bool:
+  """Whether `path` holds a whole SavedModel (graph and variable index)."""
+  return (os.path.isfile(os.path.join(path, 'saved_model.pb'))
+          and os.path.isfile(os.path.join(path, 'variables', 'variables.index')))
+
+
+def set_aside_incomplete_checkpoints(checkpoint_dir: str) -> list[str]:
+  """Moves damaged checkpoints (e.g. files deleted) to `incomplete/`; returns their new paths.
+
+  TFF loads the newest `program_state_<round>` and fails on a damaged one;
+  moved aside, training resumes from the newest complete checkpoint instead.
+  """
+  moved = []
+  for round_num, path in sorted(_checkpoint_rounds(checkpoint_dir).items()):
+    if is_complete_checkpoint(path):
+      continue
+    target = os.path.join(checkpoint_dir, 'incomplete',
+                          f'{os.path.basename(path)}-{time.strftime("%Y%m%dT%H%M%S")}')
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    os.rename(path, target)
+    logging.warning('Checkpoint of round %d at %s is incomplete (no saved_model.pb or variables); '
+                    'moved it to %s', round_num, path, target)
+    moved.append(target)
+  return moved
+
+
+def latest_checkpoint_round(run_dir: str) -> Optional[int]:
+  """The round of the newest complete checkpoint in `run_dir`, if any."""
+  rounds = [r for r, path in _checkpoint_rounds(os.path.join(run_dir, 'checkpoints')).items()
+            if is_complete_checkpoint(path)]
   return max(rounds) if rounds else None
 
 
@@ -143,6 +176,7 @@ def run(
   checkpoint_dir = os.path.join(run_dir, 'checkpoints')
   os.makedirs(checkpoint_dir, exist_ok=True)
   _clean_partial_checkpoints(checkpoint_dir)
+  set_aside_incomplete_checkpoints(checkpoint_dir)
   start = latest_checkpoint_round(run_dir) or 0
   if start:
     logging.warning('Resuming %s from the checkpoint of round %d', run_dir, start)
