@@ -64,6 +64,8 @@ flags.DEFINE_bool('row_sparse_mean', True, 'Average embedding-table rows over th
                   'touched them (False: TFF\'s plain mean, as in the FedRecon paper). Off with DP.')
 flags.DEFINE_bool('progress_bar', True, 'Show a progress bar.')
 flags.DEFINE_list('workers', [], 'host:port of running TFF worker_binary processes (default: one local worker).')
+flags.DEFINE_integer('worker_restarts', 2, 'Replace a crashed local worker this many times, resuming '
+                     'from the last checkpoint, before failing (not with --workers).', lower_bound=0)
 flags.DEFINE_integer('max_concurrent_computation_calls', -1, 'Local worker concurrency cap (-1: none).')
 flags.DEFINE_integer('clients_per_subround', 500, 'Split larger rounds into merged subrounds of this many '
                      'clients (bounds worker memory; results are unchanged).')
@@ -126,6 +128,7 @@ def config_from_flags() -> experiment.FederatedConfig:
       progress_bar=FLAGS.progress_bar,
       worker_addresses=tuple(FLAGS.workers),
       max_concurrent_computation_calls=FLAGS.max_concurrent_computation_calls,
+      worker_restarts=FLAGS.worker_restarts,
       clients_per_subround=FLAGS.clients_per_subround,
       client_data_dir=FLAGS.client_data_dir,
   )

@@ -68,6 +68,9 @@ class FederatedConfig:
   progress_bar: bool = True
   worker_addresses: tuple[str, ...] = ()
   max_concurrent_computation_calls: int = -1
+  # Times a crashed local worker is replaced (training then resumes from
+  # the last checkpoint) before the run fails; remote workers never are.
+  worker_restarts: int = 2
   # Execute federated_secure_sum(_bitwidth) (distributed DP); see runtime.
   secure_intrinsics: bool = False
   # Rounds with more clients run as merged subrounds of this many (bounds the
@@ -88,6 +91,8 @@ class FederatedConfig:
       raise ValueError('eval_clients must be positive')
     if self.clients_per_subround is not None and self.clients_per_subround <= 0:
       raise ValueError('clients_per_subround must be positive')
+    if self.worker_restarts < 0:
+      raise ValueError(f'worker_restarts must be >= 0, got {self.worker_restarts}')
     if self.negatives_per_positive < 0:
       raise ValueError('negatives_per_positive must be >= 0')
 
@@ -122,6 +127,24 @@ def install_runtime(config: FederatedConfig) -> None:
     runtime.set_local_context(max_concurrent_computation_calls=config.max_concurrent_computation_calls,
                               secure_intrinsics=config.secure_intrinsics,
                               clients_per_subround=config.clients_per_subround)
+
+
+def train_with_worker_restarts(config: FederatedConfig, train: Callable[[], Any]) -> Any:
+  """`train()`; if the local worker dies, a new one and `train()` again (it resumes).
+
+  TFF's C++ worker can crash in long runs (e.g. a segfault in its gRPC
+  server); `train` resumes from the run's latest checkpoint, so a fresh
+  worker loses at most `checkpoint_every` rounds.
+  """
+  for attempt in range(config.worker_restarts + 1):
+    try:
+      return train()
+    except runtime.WorkerError as e:
+      if config.worker_addresses or attempt == config.worker_restarts:
+        raise
+      logging.warning('%s. Starting a new local worker and resuming from the last checkpoint '
+                      '(restart %d of at most %d).', e, attempt + 1, config.worker_restarts)
+      install_runtime(config)
 
 
 def _sample_eval(users: list[str], n: Optional[int], seed: int) -> Callable[[int], list[str]]:
@@ -234,7 +257,7 @@ def run_federated(
     last_eval.update(round=round_num, all_users=len(ids) == len(periodic.user_ids), metrics=metrics)
     return metrics
 
-  state = loop.run(
+  state = train_with_worker_restarts(config, lambda: loop.run(
       composed,
       sampler,
       run_dir,
@@ -247,7 +270,7 @@ def run_federated(
       evaluation_fn=evaluate if periodic else None,
       evaluation_selection_fn=eval_selection,
       extra_metrics_fn=extra_metrics_fn,
-  )
+  ))
   weights = process.get_model_weights(state)
   if periodic is not val_eval and last_eval.get('round') == rounds and last_eval['all_users']:
     test_metrics = dict(last_eval['metrics'])  # The last periodic evaluation was this one.
