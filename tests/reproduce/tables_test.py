@@ -1,5 +1,8 @@
 """tables / common: every table's cells cover its rows; splits and data paths."""
 
+import dataclasses
+import glob
+import json
 import os
 import re
 
@@ -11,6 +14,8 @@ from tff_rec.data import synthetic
 from tff_rec.reproduce import common
 from tff_rec.reproduce import harness
 from tff_rec.reproduce import tables
+
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.mark.parametrize('name', sorted(tables.TABLES))
@@ -46,6 +51,28 @@ def test_round_cap_is_recorded_but_keeps_the_run_dir():
   b = next(c for c in full if c.name == 'full-fedrecon-s0')
   assert a.params['total_rounds'] == 100 and b.params['total_rounds'] == 500
   assert a.run_hash == b.run_hash and a.params_hash != b.params_hash
+
+
+def test_execution_only_config_fields_leave_the_cell_hash_alone():
+  cfg = tables.fr_config(tables._fr_settings(False)[1], 'fedrecon', 0, 20)  # pylint: disable=protected-access
+  a = tables._federated_params({}, cfg)  # pylint: disable=protected-access
+  b = tables._federated_params({}, dataclasses.replace(cfg, worker_restarts=7))  # pylint: disable=protected-access
+  assert a == b and 'worker_restarts' not in a['config']
+
+
+@pytest.mark.parametrize('manifest', sorted(glob.glob(os.path.join(_REPO, 'results', '*', 'manifest.json'))))
+def test_committed_results_match_the_cells_the_code_builds(manifest):
+  """A change to a cell's settings (e.g. a new config field) must not orphan committed results."""
+  with open(manifest) as f:
+    record = json.load(f)
+  out = os.path.dirname(manifest)
+  opts = record['options']
+  options = harness.RunOptions(out, seeds=tuple(opts['seeds']), quick=opts['quick'],
+                               max_rounds=opts['max_rounds'], max_epochs=opts.get('max_epochs'),
+                               rows=tuple(opts.get('rows', ())))
+  cells = harness.select_cells(tables.get(record['table']).build_cells(options), options.rows)
+  missing = [c.key for c in cells if not os.path.exists(harness.cell_path(out, c))]
+  assert not missing, f'{out}: no committed result for cells {missing}'
 
 
 def test_unknown_table():

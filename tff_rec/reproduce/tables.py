@@ -58,7 +58,14 @@ def _federated_params(base: dict, cfg: experiment.FederatedConfig, **extra: Any)
   """
   params = dict(base, config=_asdict(cfg), **extra, total_rounds=cfg.total_rounds)
   params['config'].pop('total_rounds')
+  for key in _NOT_RESULT_DEFINING:
+    params['config'].pop(key)
   return params
+
+
+# FederatedConfig fields that cannot change a result, left out of the cell hash
+# so finished cells stay valid when such a field is added.
+_NOT_RESULT_DEFINING = ('worker_restarts',)
 
 
 # ---------------------------------------------------------------------------
