@@ -133,7 +133,10 @@ def test_capped_rounds_and_run_dir_guard(tmp_path):
   cell = harness.Cell('c', ('r',), '', 0, {}, lambda ctx: {})
   ctx = harness.CellContext(cell, harness.RunOptions(str(tmp_path)), str(tmp_path / 'run'), {})
   assert common.federated_run_dir(ctx, 5) == ctx.run_dir
-  os.makedirs(tmp_path / 'run' / 'checkpoints' / 'program_state_10')
+  checkpoint = tmp_path / 'run' / 'checkpoints' / 'program_state_10'
+  os.makedirs(checkpoint / 'variables')
+  (checkpoint / 'saved_model.pb').write_bytes(b'x')
+  (checkpoint / 'variables' / 'variables.index').write_bytes(b'x')
   assert common.federated_run_dir(ctx, 20) == ctx.run_dir  # resumes from round 10
   assert common.federated_run_dir(ctx, 5) == ctx.run_dir + '-r5'  # never reuses a longer run
 
