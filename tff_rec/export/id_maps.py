@@ -116,13 +116,12 @@ class RangeIdMap(tf.Module):
     starts, offsets, _ = self._table()
     indices = tf.cast(indices, tf.int64)
     flat = tf.reshape(indices, [-1])
-    if self._monotone:
-      run = tf.searchsorted(offsets, flat, side='right') - 1
-    else:
-      by_offset = tf.argsort(offsets)
-      position = tf.searchsorted(tf.gather(offsets, by_offset), flat, side='right') - 1
-      run = tf.gather(by_offset, tf.maximum(position, 0))
-    run = tf.reshape(tf.maximum(run, 0), tf.shape(indices))
+    by_offset = None if self._monotone else tf.argsort(offsets)
+    sorted_offsets = offsets if by_offset is None else tf.gather(offsets, by_offset)
+    # Clamped: indices outside the map get a valid run and are masked below.
+    position = tf.maximum(tf.searchsorted(sorted_offsets, flat, side='right') - 1, 0)
+    run = position if by_offset is None else tf.gather(by_offset, position)
+    run = tf.reshape(run, tf.shape(indices))
     ids = tf.strings.as_string(tf.gather(starts, run) + indices - tf.gather(offsets, run))
     inside = (indices >= 0) & (indices < self.size)
     return tf.where(inside, ids, '')
