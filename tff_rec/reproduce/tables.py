@@ -639,7 +639,10 @@ def _final_eval_only(rounds: int, val_fraction: float) -> dict:
 
 def privacy_table() -> harness.TableSpec:
   rows = [RowSpec(PV_TRIVIAL, kind=TRIVIAL)]
-  rows += [RowSpec(r.label, beats_trivial_quick=False) for r in _pv_rows()]
+  # In --quick mode (2 rounds) the biased FedRecon models, which start at the global
+  # mean, already beat it (RMSE ~1.10 vs 1.17, DP rows included); the shared-user-row
+  # FedAvg models do not yet, and are exempt.
+  rows += [RowSpec(r.label, beats_trivial_quick=r.algorithm == 'fedrecon') for r in _pv_rows()]
   rows += [RowSpec(PV_DPSGD, published={'rmse': 0.915, 'epsilon': 10.6}, source=BU_SOURCE,
                    beats_trivial_quick=False),
            RowSpec(PV_NONPRIVATE, published={'rmse': 0.893}, source=BU_SOURCE)]
