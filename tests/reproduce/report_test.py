@@ -92,3 +92,15 @@ def test_scatter_plots(tmp_path):
 def test_machine_info():
   info = report.machine_info()
   assert info['cores'] >= 1 and 'cpu' in info and 'ram_gb' in info
+
+
+def test_caps_are_named_only_for_columns_the_table_has(tmp_path):
+  table, run, _ = _run(tmp_path)
+  summary = {'repeats': [0, 1], 'machine': report.machine_info(), 'versions': {},
+             'command': 'x', 'wall_seconds': 1.0, 'cell_seconds': 2.0, 'counts': '8 done',
+             'max_rounds': 20, 'max_epochs': None}
+  beats = harness.beats_trivial(table, run.rows)
+  assert 'Caps' not in report.to_markdown(table, run.rows, beats, summary)  # no rounds column
+  table.columns.append(harness.Column('rounds', 'rounds run', 0))
+  md = report.to_markdown(table, run.rows, beats, summary)
+  assert 'at most 20 rounds (--max_rounds)' in md and 'epochs (--max_epochs)' not in md

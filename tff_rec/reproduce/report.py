@@ -148,10 +148,27 @@ def _duration(seconds: float) -> str:
   return f'{h}h {m:02d}m {s:02d}s' if h else (f'{m}m {s:02d}s' if m else f'{s}s')
 
 
+def _cap_note(table: harness.TableSpec, run: Mapping[str, Any]) -> str:
+  """A sentence naming the --max_rounds / --max_epochs caps the table's columns show."""
+  keys = {c.key for c in table.columns}
+  caps = []
+  if run.get('max_rounds') and 'rounds' in keys:
+    caps.append(f'federated rows ran at most {run["max_rounds"]} rounds (--max_rounds)')
+  if run.get('max_epochs') and 'epochs' in keys:
+    caps.append(f'central rows ran at most {run["max_epochs"]} epochs (--max_epochs)')
+  if not caps:
+    return ''
+  return ('**Caps:** ' + '; '.join(caps) + '. Where the description above names more, the cap '
+          'applies; the "run" columns give what each row ran.')
+
+
 def to_markdown(table: harness.TableSpec, rows: Sequence[harness.RowResult],
                 beats: Mapping[tuple[str, str], Optional[bool]], run: Mapping[str, Any]) -> str:
   """The table as Markdown: ours beside published, notes, machine, wall time."""
   lines = [f'# {table.title}', '', table.description, '']
+  caps = _cap_note(table, run)
+  if caps:
+    lines += [caps, '']
   if run.get('quick'):
     lines += ['**Quick mode** (smoke test: few rounds/epochs/users); these numbers are not '
               'comparable with the papers.', '']
@@ -319,6 +336,8 @@ def write_outputs(table: harness.TableSpec, run: harness.TableRun, options: harn
     counts[key] = counts.get(key, 0) + 1
   summary = {
       'quick': options.quick,
+      'max_rounds': options.max_rounds,
+      'max_epochs': options.max_epochs,
       'repeats': sorted({c.repeat for c in run.cells}),
       'machine': machine_info(),
       'versions': version.installed_versions(),
