@@ -43,7 +43,7 @@ def _run(tmp_path, plot=None):
 def test_writes_all_outputs_atomically(tmp_path):
   table, run, options = _run(tmp_path)
   paths = report.write_outputs(table, run, options, 'python -m experiments.reproduce --table=demo',
-                               {'table': 'demo', 'seeds': ['0', '1']})
+                               {'table': 'demo', 'seeds': ['0', '1']}, commit='abc123')
   assert sorted(os.path.basename(p) for p in paths.values()) == [
       'manifest.json', 'table.csv', 'table.md', 'table.png']
   assert not [f for f in os.listdir(tmp_path) if f.endswith('.tmp')]
@@ -67,6 +67,7 @@ def test_writes_all_outputs_atomically(tmp_path):
 
   manifest = json.load(open(paths['manifest.json']))
   assert manifest['table'] == 'demo' and manifest['options']['seeds'] == [0, 1]
+  assert manifest['commit'] == 'abc123' and 'invocation): abc123' in md
   assert manifest['flags'] == {'table': 'demo', 'seeds': ['0', '1']}
   assert 'tensorflow' in manifest['versions'] and manifest['machine']['cores']
   assert len(manifest['cells']) == 8 and all(c['status'] == 'done' for c in manifest['cells'])

@@ -224,7 +224,7 @@ def to_markdown(table: harness.TableSpec, rows: Sequence[harness.RowResult],
       f'- Machine: {m.get("cores")} cores, {m.get("ram_gb")} GB RAM, {m.get("cpu")}; '
       f'{m.get("platform")}; Python {m.get("python")}',
       f'- Versions: ' + ', '.join(f'{k} {v}' for k, v in run['versions'].items()),
-      f'- Source: {run.get("commit") or "unknown"}',
+      f'- Source (at the start of this invocation): {run.get("commit") or "unknown"}',
       f'- Wall time of this invocation: {_duration(run["wall_seconds"])}; compute time of all '
       f'cells (including cells finished by earlier invocations): {_duration(run["cell_seconds"])}',
       f'- Cells: {run["counts"]}',
@@ -326,8 +326,13 @@ def _scatter(ax, rows: Sequence[harness.RowResult], x: str, y: str, logx: bool) 
 
 def write_outputs(table: harness.TableSpec, run: harness.TableRun, options: harness.RunOptions,
                   command: str, flags: Mapping[str, Any],
-                  data: Sequence[Mapping[str, Any]] = ()) -> dict[str, str]:
-  """Writes table.csv, table.md, table.png and manifest.json; returns their paths."""
+                  data: Sequence[Mapping[str, Any]] = (),
+                  commit: Optional[str] = None) -> dict[str, str]:
+  """Writes table.csv, table.md, table.png and manifest.json; returns their paths.
+
+  `commit` is the source the run's process loaded (read with `git_commit()` before the
+  run: commits made while it runs do not change the code it executes); default: now.
+  """
   out = options.output_dir
   beats = harness.beats_trivial(table, run.rows)
   counts: dict[str, int] = {}
@@ -341,7 +346,7 @@ def write_outputs(table: harness.TableSpec, run: harness.TableRun, options: harn
       'repeats': sorted({c.repeat for c in run.cells}),
       'machine': machine_info(),
       'versions': version.installed_versions(),
-      'commit': git_commit(),
+      'commit': commit or git_commit(),
       'command': command,
       'wall_seconds': run.wall_seconds,
       'cell_seconds': sum(r.seconds for r in run.results),
