@@ -111,12 +111,11 @@ def main(argv: Sequence[str]) -> None:
   if _LIST.value:
     list_cells(table, options)
     return
-  commit = report.git_commit()  # the code this process runs, whatever is committed meanwhile
   run = harness.run_table(table, options)
   command = ' '.join(shlex.quote(a) for a in [sys.executable, '-m', 'experiments.reproduce']
                      + sys.argv[1:])
   paths = report.write_outputs(table, run, options, command, flag_values(),
-                               data=common.data_sources(run.cache), commit=commit)
+                               data=common.data_sources(run.cache))
   print(f'{table.name}: wrote {paths[report.MARKDOWN_NAME]}, {paths[report.CSV_NAME]}, '
         f'{paths[report.PLOT_NAME]}, {paths[report.MANIFEST_NAME]} '
         f'({run.wall_seconds:.0f}s)')

@@ -1,6 +1,8 @@
-"""The stack versions tff-rec is built for, and a check that refuses others."""
+"""The stack versions tff-rec is built for, a check that refuses others, and the source commit."""
 
 import importlib.metadata
+import os
+import subprocess
 from typing import Callable, Mapping, Optional
 
 __version__ = '0.1.0'
@@ -78,3 +80,18 @@ def stack_summary() -> str:
   for name, got in installed_versions().items():
     parts.append(f'{name} {got or "missing"}')
   return ', '.join(parts)
+
+
+def source_commit() -> Optional[str]:
+  """The checked-out commit of the source tree (read-only), if it is a git clone."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    out = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=root, capture_output=True, text=True,
+                         timeout=10, check=False)
+    dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=root,
+                           capture_output=True, text=True, timeout=10, check=False)
+  except (OSError, subprocess.SubprocessError):
+    return None
+  if out.returncode != 0:
+    return None
+  return out.stdout.strip() + ('+local-changes' if dirty.stdout.strip() else '')

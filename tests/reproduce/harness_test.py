@@ -147,3 +147,19 @@ def test_rows_filter_without_the_trivial_row_is_not_a_problem(tmp_path):
   options = harness.RunOptions(str(tmp_path), seeds=(0,), rows=('model',))
   run = harness.run_table(_table(_cells([], values={0: 2.5})), options)
   assert run.ok and [r.cell.name for r in run.results] == ['model-s0']
+
+
+def test_source_commit_is_read_before_the_cells_run(tmp_path, monkeypatch):
+  """A commit made while cells run must not be recorded as the code that ran them."""
+  commits = iter(['started-here', 'committed-meanwhile'])
+  monkeypatch.setattr(harness.version, 'source_commit', lambda: next(commits))
+
+  def build(options):
+    def run(ctx):
+      assert harness.version.source_commit() == 'committed-meanwhile'
+      return {'trivial': {'rmse': 1.0}}
+    return [harness.Cell('trivial-s0', ('trivial',), '', 0, {'x': 1}, run)]
+
+  run = harness.run_table(_table(build, [harness.RowSpec('trivial', kind=harness.TRIVIAL)]),
+                          harness.RunOptions(output_dir=str(tmp_path), seeds=(0,)))
+  assert run.ok and run.source_commit == 'started-here'

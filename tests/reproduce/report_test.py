@@ -42,8 +42,9 @@ def _run(tmp_path, plot=None):
 
 def test_writes_all_outputs_atomically(tmp_path):
   table, run, options = _run(tmp_path)
+  run.source_commit = 'abc123'
   paths = report.write_outputs(table, run, options, 'python -m experiments.reproduce --table=demo',
-                               {'table': 'demo', 'seeds': ['0', '1']}, commit='abc123')
+                               {'table': 'demo', 'seeds': ['0', '1']})
   assert sorted(os.path.basename(p) for p in paths.values()) == [
       'manifest.json', 'table.csv', 'table.md', 'table.png']
   assert not [f for f in os.listdir(tmp_path) if f.endswith('.tmp')]

@@ -54,3 +54,13 @@ def test_import_refuses_wrong_tf_with_a_clear_message(tmp_path):
   assert proc.returncode == 2
   assert 'tensorflow==2.14.1 expected, found 2.15.0' in proc.stderr
   assert 'Traceback' not in proc.stderr
+
+
+def test_source_commit_names_the_checked_out_commit():
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  if not os.path.isdir(os.path.join(root, '.git')):
+    pytest.skip('not a git clone')
+  head = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=root, capture_output=True, text=True,
+                        check=True).stdout.strip()
+  commit = version.source_commit()
+  assert commit in (head, head + '+local-changes')

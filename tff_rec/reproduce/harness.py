@@ -36,6 +36,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 from absl import logging
 
+from tff_rec import version
 from tff_rec.training import artifacts
 
 # Row kinds.
@@ -444,6 +445,8 @@ class TableRun:
   cache: dict = dataclasses.field(default_factory=dict, repr=False)  # what the cells loaded
   # Full runs: rows not beating the trivial row are findings, not errors.
   warnings: list[str] = dataclasses.field(default_factory=list)
+  # The commit checked out when the run started: the code it ran, whatever is committed meanwhile.
+  source_commit: Optional[str] = None
 
   @property
   def ok(self) -> bool:
@@ -453,7 +456,7 @@ class TableRun:
 def run_table(table: TableSpec, options: RunOptions,
               on_result: Optional[Callable[[CellResult], None]] = None) -> TableRun:
   """Builds, filters and runs the table's cells; aggregates and checks the rows."""
-  started, started_at = time.time(), _now()
+  started, started_at, commit = time.time(), _now(), version.source_commit()
   cells = select_cells(table.build_cells(options), options.rows)
   if not cells:
     raise ValueError(f'{table.name}: no cells match rows {list(options.rows)}')
@@ -468,4 +471,4 @@ def run_table(table: TableSpec, options: RunOptions,
   if options.quick:
     problems += below_trivial
   return TableRun(cells, results, rows, problems, started_at, _now(), time.time() - started,
-                  cache, warnings)
+                  cache, warnings, commit)

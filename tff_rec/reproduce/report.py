@@ -14,7 +14,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 from typing import Any, Mapping, Optional, Sequence
 
@@ -49,21 +48,6 @@ def machine_info() -> dict:
   except OSError:
     pass
   return info
-
-
-def git_commit() -> Optional[str]:
-  """The checked-out commit of the source tree (read-only), if it is a git clone."""
-  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  try:
-    out = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=root, capture_output=True, text=True,
-                         timeout=10, check=False)
-    dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=root,
-                           capture_output=True, text=True, timeout=10, check=False)
-  except (OSError, subprocess.SubprocessError):
-    return None
-  if out.returncode != 0:
-    return None
-  return out.stdout.strip() + ('+local-changes' if dirty.stdout.strip() else '')
 
 
 def _fmt(value: Optional[float], digits: int) -> str:
@@ -326,13 +310,8 @@ def _scatter(ax, rows: Sequence[harness.RowResult], x: str, y: str, logx: bool) 
 
 def write_outputs(table: harness.TableSpec, run: harness.TableRun, options: harness.RunOptions,
                   command: str, flags: Mapping[str, Any],
-                  data: Sequence[Mapping[str, Any]] = (),
-                  commit: Optional[str] = None) -> dict[str, str]:
-  """Writes table.csv, table.md, table.png and manifest.json; returns their paths.
-
-  `commit` is the source the run's process loaded (read with `git_commit()` before the
-  run: commits made while it runs do not change the code it executes); default: now.
-  """
+                  data: Sequence[Mapping[str, Any]] = ()) -> dict[str, str]:
+  """Writes table.csv, table.md, table.png and manifest.json; returns their paths."""
   out = options.output_dir
   beats = harness.beats_trivial(table, run.rows)
   counts: dict[str, int] = {}
@@ -346,7 +325,7 @@ def write_outputs(table: harness.TableSpec, run: harness.TableRun, options: harn
       'repeats': sorted({c.repeat for c in run.cells}),
       'machine': machine_info(),
       'versions': version.installed_versions(),
-      'commit': commit or git_commit(),
+      'commit': run.source_commit,
       'command': command,
       'wall_seconds': run.wall_seconds,
       'cell_seconds': sum(r.seconds for r in run.results),
