@@ -111,11 +111,10 @@ def main(argv: Sequence[str]) -> None:
   if _LIST.value:
     list_cells(table, options)
     return
-  run = harness.run_table(table, options)
+  run = harness.run_table(table, options, describe_data=common.data_sources)
   command = ' '.join(shlex.quote(a) for a in [sys.executable, '-m', 'experiments.reproduce']
                      + sys.argv[1:])
-  paths = report.write_outputs(table, run, options, command, flag_values(),
-                               data=common.data_sources(run.cache))
+  paths = report.write_outputs(table, run, options, command, flag_values())
   print(f'{table.name}: wrote {paths[report.MARKDOWN_NAME]}, {paths[report.CSV_NAME]}, '
         f'{paths[report.PLOT_NAME]}, {paths[report.MANIFEST_NAME]} '
         f'({run.wall_seconds:.0f}s)')

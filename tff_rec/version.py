@@ -1,8 +1,11 @@
-"""The stack versions tff-rec is built for, a check that refuses others, and the source commit."""
+"""The stack versions tff-rec is built for, a check that refuses others, the source commit
+and the machine."""
 
 import importlib.metadata
 import os
+import platform
 import subprocess
+import sys
 from typing import Callable, Mapping, Optional
 
 __version__ = '0.1.0'
@@ -95,3 +98,26 @@ def source_commit() -> Optional[str]:
   if out.returncode != 0:
     return None
   return out.stdout.strip() + ('+local-changes' if dirty.stdout.strip() else '')
+
+
+def machine_info() -> dict:
+  """Cores, RAM, CPU model, OS and Python of this machine."""
+  info = {'cores': os.cpu_count(), 'platform': platform.platform(),
+          'python': sys.version.split()[0], 'cpu': platform.processor() or None, 'ram_gb': None}
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          info['cpu'] = line.split(':', 1)[1].strip()
+          break
+  except OSError:
+    pass
+  try:
+    with open('/proc/meminfo') as f:
+      for line in f:
+        if line.startswith('MemTotal:'):
+          info['ram_gb'] = round(int(line.split()[1]) / 1024 / 1024, 1)
+          break
+  except OSError:
+    pass
+  return info

@@ -163,3 +163,60 @@ def test_source_commit_is_read_before_the_cells_run(tmp_path, monkeypatch):
   run = harness.run_table(_table(build, [harness.RowSpec('trivial', kind=harness.TRIVIAL)]),
                           harness.RunOptions(output_dir=str(tmp_path), seeds=(0,)))
   assert run.ok and run.source_commit == 'started-here'
+
+
+def _data_table(loads):
+  """Two cells: `a` reads data set A, `b` reads A and B (through the shared cache)."""
+
+  def build(options):
+    def run(ctx, names, row):
+      for name in names:
+        loads.append(name)
+        ctx.cached(('ds', name), lambda n=name: f'contents of {n}')
+      return {row: {'rmse': 1.0 if row == 'trivial' else 0.5}}
+    return [harness.Cell('a', ('trivial',), '', 0, {'x': 1}, lambda ctx: run(ctx, ['A'], 'trivial')),
+            harness.Cell('b', ('model',), '', 0, {'x': 2}, lambda ctx: run(ctx, ['A', 'B'], 'model'))]
+
+  return _table(build, [harness.RowSpec('trivial', kind=harness.TRIVIAL), harness.RowSpec('model')])
+
+
+def _describe(used):
+  return [{'dataset': key[1], 'checksum': value[-1]} for key, value in sorted(used.items())]
+
+
+def test_cells_record_their_machine_and_only_the_data_they_read(tmp_path):
+  options = harness.RunOptions(output_dir=str(tmp_path), seeds=(0,))
+  run = harness.run_table(_data_table([]), options, describe_data=_describe)
+  by_name = {r.cell.name: r for r in run.results}
+  # Cell a loaded A only, although b's data sits in the same cache afterwards.
+  assert by_name['a'].data == [{'dataset': 'A', 'checksum': 'A'}]
+  assert by_name['b'].data == [{'dataset': 'A', 'checksum': 'A'}, {'dataset': 'B', 'checksum': 'B'}]
+  assert run.data == [{'dataset': 'A', 'checksum': 'A'}, {'dataset': 'B', 'checksum': 'B'}]
+  assert run.data_unrecorded == 0
+  cores = harness.version.machine_info()['cores']
+  assert [(n, k) for n, k, _ in run.machines()] == [
+      (f'{harness.version.machine_info()["cpu"]}, {cores} cores', 2)]
+  saved = json.loads((tmp_path / 'cells' / f'{by_name["b"].cell.key}.json').read_text())
+  assert saved['machine']['cores'] == cores and len(saved['data']) == 2
+
+  # A rerun reuses every cell and loads nothing, yet still knows the data and machines.
+  loads = []
+  again = harness.run_table(_data_table(loads), options, describe_data=_describe)
+  assert loads == [] and all(r.reused for r in again.results)
+  assert again.data == run.data and again.machines()[0][1] == 2
+
+
+def test_cells_saved_before_provenance_records_still_load(tmp_path):
+  options = harness.RunOptions(output_dir=str(tmp_path), seeds=(0,))
+  run = harness.run_table(_data_table([]), options, describe_data=_describe)
+  old = tmp_path / 'cells' / f'{run.results[0].cell.key}.json'
+  record = json.loads(old.read_text())
+  del record['machine'], record['data']
+  old.write_text(json.dumps(record))
+  again = harness.run_table(_data_table([]), options, describe_data=_describe)
+  assert all(r.reused for r in again.results)
+  assert again.results[0].machine is None and again.results[0].data is None
+  assert again.data_unrecorded == 1
+  assert again.data == run.results[1].data  # from the cell that kept its record
+  assert sorted(k for _, k, _ in again.machines()) == [1, 1]
+  assert (None, 1, again.results[0].seconds) in again.machines()

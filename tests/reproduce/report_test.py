@@ -77,7 +77,7 @@ def test_writes_all_outputs_atomically(tmp_path):
 def test_infinite_and_missing_values_render(tmp_path):
   table, run, _ = _run(tmp_path)
   md = report.to_markdown(table, run.rows, harness.beats_trivial(table, run.rows),
-                          {'repeats': [0, 1], 'machine': report.machine_info(), 'versions': {},
+                          {'repeats': [0, 1], 'machine': harness.version.machine_info(), 'versions': {},
                            'command': 'x', 'wall_seconds': 1.0, 'cell_seconds': 2.0,
                            'counts': '8 done'})
   assert '| Global mean | 1.1000 ± 0.0000 | ∞ | ' in md  # inf has no std
@@ -91,14 +91,9 @@ def test_scatter_plots(tmp_path):
   assert report.plot_png(table, run.rows)[:4] == b'\x89PNG'
 
 
-def test_machine_info():
-  info = report.machine_info()
-  assert info['cores'] >= 1 and 'cpu' in info and 'ram_gb' in info
-
-
 def test_caps_are_named_only_for_columns_the_table_has(tmp_path):
   table, run, _ = _run(tmp_path)
-  summary = {'repeats': [0, 1], 'machine': report.machine_info(), 'versions': {},
+  summary = {'repeats': [0, 1], 'machine': harness.version.machine_info(), 'versions': {},
              'command': 'x', 'wall_seconds': 1.0, 'cell_seconds': 2.0, 'counts': '8 done',
              'max_rounds': 20, 'max_epochs': None}
   beats = harness.beats_trivial(table, run.rows)
@@ -106,3 +101,32 @@ def test_caps_are_named_only_for_columns_the_table_has(tmp_path):
   table.columns.append(harness.Column('rounds', 'rounds run', 0))
   md = report.to_markdown(table, run.rows, beats, summary)
   assert 'at most 20 rounds (--max_rounds)' in md and 'epochs (--max_epochs)' not in md
+
+
+def test_run_section_names_cell_machines_and_data(tmp_path):
+  table, _, _ = _run(tmp_path)
+  options = harness.RunOptions(str(tmp_path / 'fresh'), seeds=(0, 1))
+  describe = lambda used: [{'dataset': 'ml-1m', 'path': '/d/ml-1m.zip', 'checksum': 'ab' * 32,
+                            'checksum_verified': True}]
+  run = harness.run_table(table, options, describe_data=describe)
+  paths = report.write_outputs(table, run, options, 'cmd', {})
+  md = open(paths['table.md']).read()
+  me = harness.version.machine_info()
+  assert f'- Cells ran on: {me["cpu"]}, {me["cores"]} cores: 8 cells, ' in md
+  assert '- Data: ml-1m from /d/ml-1m.zip (sha256 abababababab…, verified)' in md
+  manifest = json.load(open(paths['manifest.json']))
+  assert manifest['data'] == describe({}) and manifest['data_unrecorded'] == 0
+  assert all(c['machine']['cores'] == me['cores'] for c in manifest['cells'])
+
+  # Cells saved before cells kept a record: the rerun that reuses them says so.
+  cells = sorted((tmp_path / 'fresh' / 'cells').iterdir())
+  for path in cells[:3]:
+    record = json.loads(path.read_text())
+    del record['machine'], record['data']
+    path.write_text(json.dumps(record))
+  run = harness.run_table(table, options, describe_data=describe)
+  md = open(report.write_outputs(table, run, options, 'cmd', {})['table.md']).read()
+  assert 'no record (older cells did not keep one): 3 cells' in md
+  assert f'{me["cores"]} cores: 5 cells' in md
+  assert 'no record for 3 cells (older cells did not keep one)' in md
+  assert 'ml-1m from /d/ml-1m.zip' in md

@@ -58,7 +58,8 @@ def _check_outputs(name: str, out: str) -> list[dict]:
   assert manifest['table'] == name and manifest['options']['quick']
   assert manifest['options']['seeds'] == [0] and manifest['flags']['quick']
   assert manifest['versions']['tensorflow-federated'] and manifest['machine']['cores']
-  assert all(c['status'] == 'done' for c in manifest['cells'])
+  assert all(c['status'] == 'done' and c['machine']['cores'] for c in manifest['cells'])
+  assert manifest['data'] and manifest['data_unrecorded'] == 0
   for source in manifest['data']:
     assert source['path'].startswith(_data_dir())
     if 'checksum_verified' in source:
@@ -74,7 +75,7 @@ def test_central_baselines_quick_and_rerun_skips_finished_cells(tmp_path):
   proc = _reproduce('--table=central_baselines', '--quick', f'--data_dir={_data_dir()}',
                     f'--output_dir={out}')
   assert proc.returncode == 0, proc.stderr[-4000:]
-  _check_outputs('central_baselines', out)
+  lines = _check_outputs('central_baselines', out)
   cells = sorted(os.listdir(os.path.join(out, 'cells')))
   assert len(cells) == 12
 
@@ -83,6 +84,10 @@ def test_central_baselines_quick_and_rerun_skips_finished_cells(tmp_path):
   assert again.returncode == 0, again.stderr[-4000:]
   assert again.stdout.count('done before') == 12
   assert sorted(os.listdir(os.path.join(out, 'cells'))) == cells
+  # Nothing was loaded the second time; the data provenance comes from the reused cells.
+  assert _check_outputs('central_baselines', out) == lines
+  manifest = json.load(open(os.path.join(out, 'manifest.json')))
+  assert sorted(d['dataset'] for d in manifest['data']) == ['ml-100k', 'ml-1m']
 
 
 @pytest.mark.slow

@@ -48,6 +48,9 @@ DONE = 'done'
 FAILED = 'failed'
 SKIPPED = 'skipped'
 
+# Cache entries a cell used (key -> loaded value) -> provenance records (JSON-ready).
+DataDescriber = Callable[[Mapping[Any, Any]], list]
+
 
 class CellSkipped(Exception):
   """Raised by a cell that cannot run here (e.g. an optional module is missing)."""
@@ -132,9 +135,11 @@ class CellContext:
   options: RunOptions
   run_dir: str
   cache: dict
+  used: set = dataclasses.field(default_factory=set)  # the cache keys this cell asked for
 
   def cached(self, key: Any, make: Callable[[], Any]) -> Any:
     """`make()` once per process for `key` (loaded data, splits)."""
+    self.used.add(key)
     if key not in self.cache:
       self.cache[key] = make()
     return self.cache[key]
@@ -151,6 +156,8 @@ class CellResult:
   reused: bool = False  # read back from an earlier run
   error: str = ''
   finished_at: str = ''
+  machine: Optional[Mapping[str, Any]] = None  # where it ran (None: not recorded)
+  data: Optional[list[dict]] = None  # the data sets it read (None: not recorded)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,7 +262,8 @@ def load_finished(output_dir: str, cell: Cell) -> Optional[CellResult]:
   if record.get('status') != DONE or record.get('params_hash') != cell.params_hash:
     return None
   return CellResult(cell, DONE, record['metrics'], float(record.get('seconds', 0.0)),
-                    reused=True, finished_at=record.get('finished_at', ''))
+                    reused=True, finished_at=record.get('finished_at', ''),
+                    machine=record.get('machine'), data=record.get('data'))
 
 
 def save_finished(output_dir: str, result: CellResult) -> str:
@@ -273,6 +281,8 @@ def save_finished(output_dir: str, result: CellResult) -> str:
       'metrics': _canonical(result.metrics),
       'seconds': result.seconds,
       'finished_at': result.finished_at,
+      'machine': result.machine,
+      'data': result.data,
   })
   return path
 
@@ -287,10 +297,13 @@ def select_cells(cells: Sequence[Cell], rows: Sequence[str]) -> list[Cell]:
 
 def run_cells(cells: Sequence[Cell], options: RunOptions,
               on_result: Optional[Callable[[CellResult], None]] = None,
-              cache: Optional[dict] = None) -> list[CellResult]:
+              cache: Optional[dict] = None,
+              describe_data: Optional[DataDescriber] = None) -> list[CellResult]:
   """Runs (or reuses) every cell in order; never raises for a failing cell.
 
   `cache` is shared by the cells (loaded data, splits); a fresh one by default.
+  `describe_data` turns the cache entries a cell used into the provenance
+  records saved with it (none are saved without it).
   """
   names = [c.name for c in cells]
   dupes = sorted({n for n in names if names.count(n) > 1})
@@ -306,7 +319,7 @@ def run_cells(cells: Sequence[Cell], options: RunOptions,
                    cell_path(options.output_dir, cell))
       print(f'{prefix}: done before ({result.seconds:.0f}s)', flush=True)
     else:
-      result = _run_one(cell, options, cache)
+      result = _run_one(cell, options, cache, describe_data)
       print(f'{prefix}: {result.status} ({result.seconds:.0f}s)'
             + (f': {result.error.splitlines()[-1] if result.error else ""}'
                if result.status != DONE else ''), flush=True)
@@ -316,7 +329,8 @@ def run_cells(cells: Sequence[Cell], options: RunOptions,
   return results
 
 
-def _run_one(cell: Cell, options: RunOptions, cache: dict) -> CellResult:
+def _run_one(cell: Cell, options: RunOptions, cache: dict,
+             describe_data: Optional[DataDescriber]) -> CellResult:
   run_dir = cell_run_dir(options.output_dir, cell)
   ctx = CellContext(cell, options, run_dir, cache)
   started = time.time()
@@ -334,8 +348,12 @@ def _run_one(cell: Cell, options: RunOptions, cache: dict) -> CellResult:
     return CellResult(cell, FAILED, {}, time.time() - started,
                       error=f'cell returned rows {sorted(metrics)}, expected {list(cell.rows)}',
                       finished_at=_now())
+  data = None
+  if describe_data is not None:
+    data = describe_data({k: cache[k] for k in ctx.used if k in cache})
   result = CellResult(cell, DONE, {r: dict(m) for r, m in metrics.items()},
-                      time.time() - started, finished_at=_now())
+                      time.time() - started, finished_at=_now(),
+                      machine=version.machine_info(), data=data)
   save_finished(options.output_dir, result)
   return result
 
@@ -449,19 +467,52 @@ class TableRun:
   source_commit: Optional[str] = None
 
   @property
+  def data(self) -> list[dict]:
+    """The data sets the finished cells recorded reading (new and reused), each once."""
+    seen, out = set(), []
+    for r in self.results:
+      for record in (r.data or []) if r.status == DONE else []:
+        key = json.dumps(record, sort_keys=True, default=str)
+        if key not in seen:
+          seen.add(key)
+          out.append(record)
+    return out
+
+  @property
+  def data_unrecorded(self) -> int:
+    """Finished cells without a data record (saved by older code, or no describer)."""
+    return sum(1 for r in self.results if r.status == DONE and r.data is None)
+
+  def machines(self) -> list[tuple[Optional[str], int, float]]:
+    """(machine summary or None if not recorded, finished cells, their seconds), most cells first."""
+    groups: dict[Optional[str], list[float]] = {}
+    for r in self.results:
+      if r.status != DONE:
+        continue
+      m = r.machine
+      name = f'{m.get("cpu")}, {m.get("cores")} cores' if m else None
+      groups.setdefault(name, []).append(r.seconds)
+    return sorted(((k, len(v), sum(v)) for k, v in groups.items()), key=lambda g: -g[1])
+
+  @property
   def ok(self) -> bool:
     return not self.problems
 
 
 def run_table(table: TableSpec, options: RunOptions,
-              on_result: Optional[Callable[[CellResult], None]] = None) -> TableRun:
-  """Builds, filters and runs the table's cells; aggregates and checks the rows."""
+              on_result: Optional[Callable[[CellResult], None]] = None,
+              describe_data: Optional[DataDescriber] = None) -> TableRun:
+  """Builds, filters and runs the table's cells; aggregates and checks the rows.
+
+  `describe_data` (e.g. `common.data_sources`) records, with each cell, where the
+  data it read came from.
+  """
   started, started_at, commit = time.time(), _now(), version.source_commit()
   cells = select_cells(table.build_cells(options), options.rows)
   if not cells:
     raise ValueError(f'{table.name}: no cells match rows {list(options.rows)}')
   cache: dict = {}
-  results = run_cells(cells, options, on_result, cache)
+  results = run_cells(cells, options, on_result, cache, describe_data)
   rows = aggregate(table, results)
   problems = [f'cell {r.cell.name} failed: {r.error}' for r in results if r.status == FAILED]
   below_trivial = trivial_check(table, rows, options.quick)

@@ -13,8 +13,6 @@ import io
 import json
 import math
 import os
-import platform
-import sys
 from typing import Any, Mapping, Optional, Sequence
 
 from tff_rec import atomic
@@ -25,29 +23,6 @@ CSV_NAME = 'table.csv'
 MARKDOWN_NAME = 'table.md'
 PLOT_NAME = 'table.png'
 MANIFEST_NAME = 'manifest.json'
-
-
-def machine_info() -> dict:
-  """Cores, RAM, CPU model, OS and Python of this machine."""
-  info = {'cores': os.cpu_count(), 'platform': platform.platform(),
-          'python': sys.version.split()[0], 'cpu': platform.processor() or None, 'ram_gb': None}
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          info['cpu'] = line.split(':', 1)[1].strip()
-          break
-  except OSError:
-    pass
-  try:
-    with open('/proc/meminfo') as f:
-      for line in f:
-        if line.startswith('MemTotal:'):
-          info['ram_gb'] = round(int(line.split()[1]) / 1024 / 1024, 1)
-          break
-  except OSError:
-    pass
-  return info
 
 
 def _fmt(value: Optional[float], digits: int) -> str:
@@ -205,8 +180,21 @@ def to_markdown(table: harness.TableSpec, rows: Sequence[harness.RowResult],
   lines += [
       '## Run', '',
       f'- Command: `{run["command"]}`',
-      f'- Machine: {m.get("cores")} cores, {m.get("ram_gb")} GB RAM, {m.get("cpu")}; '
-      f'{m.get("platform")}; Python {m.get("python")}',
+      f'- Machine of this invocation: {m.get("cores")} cores, {m.get("ram_gb")} GB RAM, '
+      f'{m.get("cpu")}; {m.get("platform")}; Python {m.get("python")}',
+  ]
+  if run.get('cell_machines'):
+    lines.append('- Cells ran on: ' + '; '.join(
+        f'{name or "no record (older cells did not keep one)"}: '
+        f'{n} cell{"s" if n != 1 else ""}, {_duration(seconds)}'
+        for name, n, seconds in run['cell_machines']))
+  if run.get('data') or run.get('data_unrecorded'):
+    parts = [_data_line(d) for d in run.get('data', [])]
+    if run.get('data_unrecorded'):
+      n = run['data_unrecorded']
+      parts.append(f'no record for {n} cell{"s" if n != 1 else ""} (older cells did not keep one)')
+    lines.append('- Data: ' + '; '.join(parts))
+  lines += [
       f'- Versions: ' + ', '.join(f'{k} {v}' for k, v in run['versions'].items()),
       f'- Source (at the start of this invocation): {run.get("commit") or "unknown"}',
       f'- Wall time of this invocation: {_duration(run["wall_seconds"])}; compute time of all '
@@ -215,6 +203,15 @@ def to_markdown(table: harness.TableSpec, rows: Sequence[harness.RowResult],
       '',
   ]
   return '\n'.join(lines)
+
+
+def _data_line(record: Mapping[str, Any]) -> str:
+  """One data provenance record as text."""
+  text = f'{record.get("dataset")} from {record.get("path") or record.get("origin")}'
+  if record.get('checksum'):
+    verified = 'verified' if record.get('checksum_verified') else 'not verified'
+    text += f' (sha256 {str(record["checksum"])[:12]}…, {verified})'
+  return text
 
 
 def plot_png(table: harness.TableSpec, rows: Sequence[harness.RowResult]) -> bytes:
@@ -309,8 +306,7 @@ def _scatter(ax, rows: Sequence[harness.RowResult], x: str, y: str, logx: bool) 
 
 
 def write_outputs(table: harness.TableSpec, run: harness.TableRun, options: harness.RunOptions,
-                  command: str, flags: Mapping[str, Any],
-                  data: Sequence[Mapping[str, Any]] = ()) -> dict[str, str]:
+                  command: str, flags: Mapping[str, Any]) -> dict[str, str]:
   """Writes table.csv, table.md, table.png and manifest.json; returns their paths."""
   out = options.output_dir
   beats = harness.beats_trivial(table, run.rows)
@@ -323,7 +319,10 @@ def write_outputs(table: harness.TableSpec, run: harness.TableRun, options: harn
       'max_rounds': options.max_rounds,
       'max_epochs': options.max_epochs,
       'repeats': sorted({c.repeat for c in run.cells}),
-      'machine': machine_info(),
+      'machine': version.machine_info(),
+      'cell_machines': run.machines(),
+      'data': run.data,
+      'data_unrecorded': run.data_unrecorded,
       'versions': version.installed_versions(),
       'commit': run.source_commit,
       'command': command,
@@ -351,7 +350,8 @@ def write_outputs(table: harness.TableSpec, run: harness.TableRun, options: harn
           'rows': list(options.rows),
       },
       'repeat_label': table.repeat_label,
-      'data': list(data),
+      'data': summary['data'],
+      'data_unrecorded': summary['data_unrecorded'],
       'machine': summary['machine'],
       'versions': summary['versions'],
       'python_packages': _python_packages(),
@@ -368,6 +368,7 @@ def write_outputs(table: harness.TableSpec, run: harness.TableRun, options: harn
           'result_file': os.path.relpath(harness.cell_path(out, r.cell), out)
           if r.status == harness.DONE else None,
           'run_dir': os.path.relpath(harness.cell_run_dir(out, r.cell), out),
+          'machine': r.machine, 'data': r.data,
           'params': harness._canonical(r.cell.params),  # pylint: disable=protected-access
       } for r in run.results],
   }
