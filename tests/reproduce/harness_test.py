@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 
 import pytest
 
@@ -220,3 +221,46 @@ def test_cells_saved_before_provenance_records_still_load(tmp_path):
   assert again.data == run.results[1].data  # from the cell that kept its record
   assert sorted(k for _, k, _ in again.machines()) == [1, 1]
   assert (None, 1, again.results[0].seconds) in again.machines()
+
+
+def test_attempt_clock_saves_while_running_and_resumes(tmp_path):
+  run_dir = tmp_path / 'run'
+  clock = harness.AttemptClock(str(run_dir), interval=0.02)
+  time.sleep(0.1)
+  assert not run_dir.exists()  # Nothing is written before the cell makes its run directory.
+  run_dir.mkdir()
+  time.sleep(0.2)
+  saved = json.loads((run_dir / harness.SECONDS_FILE).read_text())['seconds']
+  assert 0.1 <= saved <= clock.total()  # Saved while running: an interruption keeps it.
+  first = clock.stop()
+  assert clock.stop() == first and first >= 0.3
+  again = harness.AttemptClock(str(run_dir), interval=0.02)
+  assert again.total() >= first
+  assert again.stop() >= first
+
+
+def test_an_interrupted_cell_counts_the_time_of_every_attempt(tmp_path):
+  attempts = []
+
+  def run(ctx):
+    attempts.append(1)
+    os.makedirs(ctx.run_dir, exist_ok=True)
+    time.sleep(0.3)
+    if len(attempts) == 1:
+      raise RuntimeError('interrupted')
+    return {'trivial': {'rmse': 1.0}}
+
+  table = _table(lambda options: [harness.Cell('c', ('trivial',), '', 0, {'x': 1}, run)],
+                 [harness.RowSpec('trivial', kind=harness.TRIVIAL)])
+  options = harness.RunOptions(output_dir=str(tmp_path), seeds=(0,))
+  first = harness.run_table(table, options)
+  assert first.results[0].status == harness.FAILED
+  second = harness.run_table(table, options)
+  assert second.results[0].status == harness.DONE
+  assert second.results[0].seconds >= first.results[0].seconds + 0.3
+
+
+def test_cells_without_a_run_directory_leave_none(tmp_path):
+  table = _table(_cells([]))
+  harness.run_table(table, harness.RunOptions(output_dir=str(tmp_path), seeds=(0,)))
+  assert not (tmp_path / 'runs').exists()

@@ -30,6 +30,7 @@ import json
 import math
 import os
 import re
+import threading
 import time
 import traceback
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -329,30 +330,87 @@ def run_cells(cells: Sequence[Cell], options: RunOptions,
   return results
 
 
+SECONDS_FILE = 'harness_seconds.json'  # in a cell's run directory
+CLOCK_INTERVAL = 30.0  # seconds between saves of a running cell's time
+
+
+class AttemptClock:
+  """Seconds spent on a cell, summed over attempts that resumed its run directory.
+
+  While the cell runs, the total is saved every `interval` seconds into the run
+  directory (once the cell has created it), so an interrupted attempt's time
+  (up to the last save) counts when a later attempt resumes from its checkpoint.
+  """
+
+  def __init__(self, run_dir: str, interval: Optional[float] = None):
+    self._path = os.path.join(run_dir, SECONDS_FILE)
+    self._before = self._read()
+    self._started = time.time()
+    self._final: Optional[float] = None
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._loop, daemon=True,
+                                    args=(CLOCK_INTERVAL if interval is None else interval,))
+    self._thread.start()
+
+  def _read(self) -> float:
+    try:
+      return float(artifacts.read_json(self._path)['seconds'])
+    except (OSError, ValueError, KeyError, TypeError):
+      return 0.0
+
+  def total(self) -> float:
+    return self._final if self._final is not None else self._before + time.time() - self._started
+
+  def _save(self) -> None:
+    if os.path.isdir(os.path.dirname(self._path)):
+      artifacts.write_json(self._path, {'seconds': self.total()})
+
+  def _loop(self, interval: float) -> None:
+    while not self._stop.wait(interval):
+      try:
+        self._save()
+      except OSError as e:  # A full disk must not kill the cell.
+        logging.warning('could not save %s: %s', self._path, e)
+
+  def stop(self) -> float:
+    """Stops the clock, saves and returns the total (idempotent)."""
+    if self._final is None:
+      self._stop.set()
+      self._thread.join()
+      self._final = self.total()
+      try:
+        self._save()
+      except OSError as e:
+        logging.warning('could not save %s: %s', self._path, e)
+    return self._final
+
+
 def _run_one(cell: Cell, options: RunOptions, cache: dict,
              describe_data: Optional[DataDescriber]) -> CellResult:
   run_dir = cell_run_dir(options.output_dir, cell)
   ctx = CellContext(cell, options, run_dir, cache)
-  started = time.time()
+  clock = AttemptClock(run_dir)
   try:
     metrics = cell.run(ctx)
   except CellSkipped as e:
-    return CellResult(cell, SKIPPED, {}, time.time() - started, error=str(e), finished_at=_now())
+    return CellResult(cell, SKIPPED, {}, clock.stop(), error=str(e), finished_at=_now())
   except Exception as e:  # pylint: disable=broad-except
     logging.error('cell %s failed:\n%s', cell.name, traceback.format_exc())
-    return CellResult(cell, FAILED, {}, time.time() - started,
+    return CellResult(cell, FAILED, {}, clock.stop(),
                       error=f'{type(e).__name__}: {e}', finished_at=_now())
+  finally:
+    clock.stop()
   missing = sorted(set(cell.rows) - set(metrics))
   extra = sorted(set(metrics) - set(cell.rows))
   if missing or extra:
-    return CellResult(cell, FAILED, {}, time.time() - started,
+    return CellResult(cell, FAILED, {}, clock.stop(),
                       error=f'cell returned rows {sorted(metrics)}, expected {list(cell.rows)}',
                       finished_at=_now())
   data = None
   if describe_data is not None:
     data = describe_data({k: cache[k] for k in ctx.used if k in cache})
   result = CellResult(cell, DONE, {r: dict(m) for r, m in metrics.items()},
-                      time.time() - started, finished_at=_now(),
+                      clock.stop(), finished_at=_now(),
                       machine=version.machine_info(), data=data)
   save_finished(options.output_dir, result)
   return result
