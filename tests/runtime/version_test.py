@@ -69,4 +69,4 @@ def test_source_commit_names_the_checked_out_commit():
 def test_machine_info():
   info = version.machine_info()
   assert info['cores'] >= 1 and info['python'] == sys.version.split()[0]
-  assert 'cpu' in info and info['ram_gb'] is None or info['ram_gb'] > 0
+  assert 'cpu' in info and (info['ram_gb'] is None or info['ram_gb'] > 0)
