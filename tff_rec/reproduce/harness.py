@@ -518,7 +518,6 @@ class TableRun:
   started_at: str
   finished_at: str
   wall_seconds: float
-  cache: dict = dataclasses.field(default_factory=dict, repr=False)  # what the cells loaded
   # Full runs: rows not beating the trivial row are findings, not errors.
   warnings: list[str] = dataclasses.field(default_factory=list)
   # The commit checked out when the run started: the code it ran, whatever is committed meanwhile.
@@ -580,4 +579,4 @@ def run_table(table: TableSpec, options: RunOptions,
   if options.quick:
     problems += below_trivial
   return TableRun(cells, results, rows, problems, started_at, _now(), time.time() - started,
-                  cache, warnings, commit)
+                  warnings, commit)
