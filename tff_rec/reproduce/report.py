@@ -232,11 +232,11 @@ def plot_png(table: harness.TableSpec, rows: Sequence[harness.RowResult]) -> byt
       for i, metric in enumerate(metrics):
         _bars(axes[i][j], mine, metric, setting)
   elif kind == 'scatter':
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig, ax = plt.subplots(figsize=(11, 5))
     _scatter(ax, rows, spec['x'], spec['y'], spec.get('logx', False))
   else:  # scatter_panels
     panels = spec['panels']
-    fig, axes = plt.subplots(1, len(panels), squeeze=False, figsize=(6.5 * len(panels), 5))
+    fig, axes = plt.subplots(1, len(panels), squeeze=False, figsize=(10 * len(panels), 5))
     for ax, panel in zip(axes[0], panels):
       mine = [r for r in rows if r.spec.setting == panel['setting']]
       _scatter(ax, mine, panel['x'], panel['y'], panel.get('logx', False))
@@ -302,7 +302,8 @@ def _scatter(ax, rows: Sequence[harness.RowResult], x: str, y: str, logx: bool) 
     ax.set_xscale('log')
   ax.set_xlabel(x)
   ax.set_ylabel(y)
-  ax.legend(fontsize=6, loc='best')
+  # Beside the axes, so it hides neither points nor the reference lines' labels.
+  ax.legend(fontsize=6, loc='center left', bbox_to_anchor=(1.01, 0.5))
 
 
 def write_outputs(table: harness.TableSpec, run: harness.TableRun, options: harness.RunOptions,
