@@ -568,8 +568,7 @@ def run_table(table: TableSpec, options: RunOptions,
   cells = select_cells(table.build_cells(options), options.rows)
   if not cells:
     raise ValueError(f'{table.name}: no cells match rows {list(options.rows)}')
-  cache: dict = {}
-  results = run_cells(cells, options, on_result, cache, describe_data)
+  results = run_cells(cells, options, on_result, describe_data=describe_data)
   rows = aggregate(table, results)
   problems = [f'cell {r.cell.name} failed: {r.error}' for r in results if r.status == FAILED]
   below_trivial = trivial_check(table, rows, options.quick)
