@@ -23,18 +23,6 @@ from tff_rec.training import artifacts
 SCHEMA = 'tff-rec-benchmark/1'
 
 
-def cpu_model() -> str:
-  """The CPU model name (from /proc/cpuinfo where available)."""
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.lower().startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
-
-
 def machine_info() -> dict:
   """Cores, memory, CPU model, OS and the load when the benchmark started."""
   try:
@@ -43,7 +31,7 @@ def machine_info() -> dict:
     load = None
   return {
       'hostname': platform.node(),
-      'cpu_model': cpu_model(),
+      'cpu_model': version.cpu_model(),
       'logical_cores': psutil.cpu_count(logical=True),
       'physical_cores': psutil.cpu_count(logical=False),
       'usable_cores': len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else None,

@@ -119,22 +119,13 @@ def _single_core() -> None:
 
 def machine_info() -> dict:
   """Platform, CPU and package versions."""
-  cpu = platform.processor()
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          cpu = line.split(':', 1)[1].strip()
-          break
-  except OSError:
-    pass
   versions = dict(version.installed_versions())
   for name in ('tensorflow-serving-api', 'numpy'):
     try:
       versions[name] = importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
       versions[name] = None
-  return {'platform': platform.platform(), 'python': sys.version.split()[0], 'cpu': cpu,
+  return {'platform': platform.platform(), 'python': sys.version.split()[0], 'cpu': version.cpu_model(),
           'cpu_count': os.cpu_count(), 'versions': versions,
           'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}
 

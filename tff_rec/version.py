@@ -100,18 +100,22 @@ def source_commit() -> Optional[str]:
   return out.stdout.strip() + ('+local-changes' if dirty.stdout.strip() else '')
 
 
-def machine_info() -> dict:
-  """Cores, RAM, CPU model, OS and Python of this machine."""
-  info = {'cores': os.cpu_count(), 'platform': platform.platform(),
-          'python': sys.version.split()[0], 'cpu': platform.processor() or None, 'ram_gb': None}
+def cpu_model() -> str:
+  """The CPU model name (from /proc/cpuinfo where available)."""
   try:
     with open('/proc/cpuinfo') as f:
       for line in f:
-        if line.startswith('model name'):
-          info['cpu'] = line.split(':', 1)[1].strip()
-          break
+        if line.lower().startswith('model name'):
+          return line.split(':', 1)[1].strip()
   except OSError:
     pass
+  return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict:
+  """Cores, RAM, CPU model, OS and Python of this machine."""
+  info = {'cores': os.cpu_count(), 'platform': platform.platform(),
+          'python': sys.version.split()[0], 'cpu': cpu_model(), 'ram_gb': None}
   try:
     with open('/proc/meminfo') as f:
       for line in f:

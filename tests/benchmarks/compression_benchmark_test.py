@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from tests import shared_data
+from tff_rec import version
 
 
 @pytest.fixture(scope='module')
@@ -59,6 +60,7 @@ def test_summary_targets_and_markdown(result):
                                            for k in loaded['targets'])
   assert all(isinstance(v, bool) for v in loaded['targets_met'].values())
   assert loaded['machine']['versions']['tensorflow-federated']
+  assert loaded['machine']['cpu'] == version.cpu_model()
   assert md.startswith('# Compression benchmark') and 'pruned0.7-federated' in md
   assert '| 16 |' in md
   for dim in ('8', '16'):

@@ -70,3 +70,9 @@ def test_machine_info():
   info = version.machine_info()
   assert info['cores'] >= 1 and info['python'] == sys.version.split()[0]
   assert 'cpu' in info and (info['ram_gb'] is None or info['ram_gb'] > 0)
+
+
+def test_cpu_model_names_this_cpu():
+  model = version.cpu_model()
+  assert isinstance(model, str) and model
+  assert version.machine_info()['cpu'] == model
