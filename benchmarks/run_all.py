@@ -29,7 +29,7 @@ from benchmarks import common
 
 FLAGS = flags.FLAGS
 
-BENCHMARKS = ('federated_speed', 'accountant_speed', 'compression_benchmark')
+BENCHMARKS = ('federated_speed', 'algorithm_speed', 'accountant_speed', 'compression_benchmark')
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SHARED_DATA = os.path.join(os.path.dirname(_REPO_ROOT), 'shared', 'data')
 
@@ -38,7 +38,8 @@ flags.DEFINE_bool('smoke', False, 'Tiny synthetic versions (checks they run; num
 flags.DEFINE_list('only', [], f'Run only these benchmarks (of {", ".join(BENCHMARKS)}).')
 flags.DEFINE_string('data_dir', None, 'Folder holding ml-100k.zip / ml-1m.zip (default: '
                     '../shared/data next to the repo if present, else the usual MovieLens search).')
-flags.DEFINE_list('scenarios', [], 'federated_speed: run only these scenarios (default: all).')
+flags.DEFINE_list('scenarios', [], 'federated_speed / algorithm_speed: run only these scenarios '
+                  '(default: all).')
 flags.DEFINE_list('variants', [], 'federated_speed: run only these variants (default: all).')
 flags.DEFINE_bool('in_process', False, 'Run the benchmarks in this process (no subprocess each).')
 
@@ -59,6 +60,10 @@ def run_one(name: str, out_dir: str, smoke: bool, data_dir: Optional[str]) -> Op
     return federated_speed.run(out_dir, smoke=smoke, data_dir=data_dir,
                                only_scenarios=FLAGS.scenarios if FLAGS.is_parsed() else (),
                                variants=FLAGS.variants if FLAGS.is_parsed() else ())
+  if name == 'algorithm_speed':
+    from benchmarks import algorithm_speed  # pylint: disable=g-import-not-at-top
+    return algorithm_speed.run(out_dir, smoke=smoke, data_dir=data_dir,
+                               only_scenarios=FLAGS.scenarios if FLAGS.is_parsed() else ())
   if name == 'accountant_speed':
     from benchmarks import accountant_speed  # pylint: disable=g-import-not-at-top
     return accountant_speed.run(out_dir, smoke=smoke)

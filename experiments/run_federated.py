@@ -25,6 +25,7 @@ from tff_rec.training import algorithms
 from tff_rec.training import data_setup
 from tff_rec.training import evaluation
 from tff_rec.training import experiment
+from tff_rec.training import model_fns
 from tff_rec.training import sampling
 
 FLAGS = flags.FLAGS
@@ -72,7 +73,14 @@ flags.DEFINE_integer('clients_per_subround', 500, 'Split larger rounds into merg
 flags.DEFINE_string('client_data_dir', None, 'Keep one file per user here, read worker-side (needed when '
                     '--workers run on other hosts: a path they all see).')
 flags.DEFINE_enum('loop_implementation', 'iterator', list(algorithms.LOOP_IMPLEMENTATIONS),
-                  'FedAvg/FedProx client loop: TFF DATASET_ITERATOR (faster) or DATASET_REDUCE.')
+                  'Client loop: TFF DATASET_ITERATOR (faster) or DATASET_REDUCE.')
+flags.DEFINE_enum('reconstruction', 'gradient', list(algorithms.RECONSTRUCTIONS),
+                  'FedRecon: rebuild the user-side variables by --recon_epochs of the reconstruction '
+                  'optimizer (gradient) or exactly, as the ridge regression it is for biased MF and '
+                  'rating GMF (closed_form; refused for other models). Training and evaluation.')
+flags.DEFINE_enum('fedrecon_implementation', 'fast', list(algorithms.FEDRECON_IMPLEMENTATIONS),
+                  "FedRecon builder: the toolkit's fast client loop, or TFF's build_fed_recon "
+                  '(the slower reference; gradient reconstruction only).')
 
 
 def config_from_flags() -> experiment.FederatedConfig:
@@ -99,9 +107,11 @@ def config_from_flags() -> experiment.FederatedConfig:
         split_dataset=FLAGS.split_dataset,
         row_sparse_mean=FLAGS.row_sparse_mean,
         loop_implementation=FLAGS.loop_implementation,
+        reconstruction=FLAGS.reconstruction,
+        fedrecon_implementation=FLAGS.fedrecon_implementation,
     )
   except ValueError as e:
-    raise app.UsageError(f'--algorithm/--weighting/--proximal_strength: {e}') from e
+    raise app.UsageError(f'--algorithm/--weighting/--proximal_strength/--reconstruction: {e}') from e
   return experiment.FederatedConfig(
       data=data,
       model=model,
@@ -119,6 +129,8 @@ def config_from_flags() -> experiment.FederatedConfig:
           recon_epochs=FLAGS.recon_epochs,
           recon_steps_max=FLAGS.recon_steps_max,
           post_recon_steps_max=FLAGS.post_recon_steps_max,
+          reconstruction=FLAGS.reconstruction,
+          implementation=FLAGS.fedrecon_implementation,
       ),
       finetune_eval=FLAGS.finetune_eval,
       checkpoint_every=FLAGS.checkpoint_every,
@@ -142,6 +154,11 @@ def prepare_run(config: experiment.FederatedConfig, split, dp_config, compressio
   `experiment.run_federated`.
   """
   common_flags.check_population(config.clients_per_round, split)
+  if config.algorithm.reconstruction == 'closed_form':
+    try:
+      model_fns.closed_form_ridge(experiment.model_spec(config, split))
+    except ValueError as e:
+      raise app.UsageError(f'--reconstruction=closed_form with --model={config.model.name}: {e}') from e
   config, dp = dp_flags.prepare_dp_for_run(dp_config, config, split)
   weighted = not config.algorithm.uniform
   dp_kwargs = {'dp_factory': dp.aggregator}

@@ -12,7 +12,7 @@ import pytest
 
 from tests import shared_data
 
-_MINE = ('federated_speed', 'accountant_speed')
+_MINE = ('federated_speed', 'algorithm_speed', 'accountant_speed')
 
 
 @pytest.fixture(scope='module')
@@ -55,6 +55,18 @@ def test_federated_speed_reports_rounds_central_epochs_and_memory(smoke_dir):
     assert row['peak_rss_worker_gib'] > 0 and row['peak_rss_python_gib'] > 0
   fits = results['smoke_scaling']['fits']
   assert fits and fits[0]['b_ms_per_client'] is not None
+
+
+def test_algorithm_speed_reports_a_ratio_and_memory_per_algorithm(smoke_dir):
+  from benchmarks import algorithm_speed  # pylint: disable=g-import-not-at-top
+  results = _load(os.path.join(smoke_dir, 'algorithm_speed.json'))['results']
+  names = {a.name for a in algorithm_speed.ALGORITHMS}
+  assert set(results['all_users']['ratios']) == {f'{n}_round_over_central' for n in names}
+  for row in results['all_users']['rows']:
+    assert row['round_seconds'] > 0 and row['central_seconds'] > 0
+    assert row['peak_rss_worker_gib'] > 0 and row['peak_rss_python_gib'] > 0
+  assert {r['algorithm'] for r in results['all_users_large']['rows']} == names
+  assert [r['workers'] for r in results['remote_workers']['rows']] == [1, 2]
 
 
 def test_accountant_speed_covers_rdp_and_pld(smoke_dir):

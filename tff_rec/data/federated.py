@@ -265,19 +265,23 @@ def client_data(
   )
 
 
+# The key of `x` that marks query rows in evaluation datasets.
+QUERY_KEY = 'query'
+
+
 def eval_element_spec() -> collections.OrderedDict:
   """Element spec of support+query datasets: `x['query']` marks query rows.
 
   Consumers strip `query` (see `strip_query`) before batches reach a model.
   """
   spec = element_spec()
-  spec['x']['query'] = tf.TensorSpec([None], tf.bool)
+  spec['x'][QUERY_KEY] = tf.TensorSpec([None], tf.bool)
   return spec
 
 
 def strip_query(element: collections.OrderedDict) -> collections.OrderedDict:
   """A batch without the `x['query']` marker."""
-  x = collections.OrderedDict((k, v) for k, v in element['x'].items() if k != 'query')
+  x = collections.OrderedDict((k, v) for k, v in element['x'].items() if k != QUERY_KEY)
   return collections.OrderedDict(x=x, y=element['y'])
 
 
@@ -325,7 +329,7 @@ def _pairs(user, items, labels, mark: Optional[bool]) -> tf.data.Dataset:
   n = tf.shape(items)[0]
   x = collections.OrderedDict(user=tf.fill([n], user), item=items)
   if mark is not None:
-    x['query'] = tf.fill([n], mark)
+    x[QUERY_KEY] = tf.fill([n], mark)
   return tf.data.Dataset.from_tensor_slices(collections.OrderedDict(x=x, y=labels))
 
 

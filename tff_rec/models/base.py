@@ -35,6 +35,11 @@ class RecModel:
   # Names of (trainable) global embedding-table variables: only the rows a
   # client used receive updates.
   embedding_variable_names: Sequence[str] = ()
+  # Whether the prediction is affine in the local (user-side) variables once
+  # the global ones are fixed (biased MF; GMF). With a squared loss the
+  # reconstruction of the local part is then a ridge regression with a
+  # closed-form solution (tff_rec.training.fed_recon).
+  affine_in_local: bool = False
 
   @property
   def global_variables(self) -> list[tf.Variable]:

@@ -84,4 +84,5 @@ def build_mf(
       task=base.TASK_RATING,
       personal=personal,
       embedding_variable_names=tuple(emb_names),
+      affine_in_local=True,
   )

@@ -62,7 +62,8 @@ class _Parts:
     self.item_tables: list[tf.keras.layers.Layer] = []
     self.other_global: list[tf.keras.layers.Layer] = []
 
-  def rec_model(self, model: tf.keras.Model, task: str, personal: bool) -> base.RecModel:
+  def rec_model(self, model: tf.keras.Model, task: str, personal: bool,
+                affine_in_local: bool = False) -> base.RecModel:
     """The RecModel with the partition conventions of `mf.build_mf`."""
     user_names = [layer.name for layer in self.user_tables]
     item_names = [layer.name for layer in self.item_tables]
@@ -79,6 +80,7 @@ class _Parts:
         task=task,
         personal=personal,
         embedding_variable_names=tuple(emb_names),
+        affine_in_local=affine_in_local,
     )
 
 
@@ -162,7 +164,8 @@ def build_gmf(
   score = _head(parts, vector, name='gmf_prediction', task=task, global_mean=global_mean,
                 seed=seed)
   model = tf.keras.Model(inputs=inputs, outputs=score, name='gmf')
-  return parts.rec_model(model, task, personal)
+  # The logit w . (p * q) + b is affine in the user row p.
+  return parts.rec_model(model, task, personal, affine_in_local=True)
 
 
 def build_mlp(

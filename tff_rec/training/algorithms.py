@@ -1,4 +1,10 @@
-"""TFF learning processes by name: FedAvg, FedProx and Federated Reconstruction."""
+"""TFF learning processes by name: FedAvg, FedProx and Federated Reconstruction.
+
+FedAvg and FedProx are TFF's builders. FedRecon is `tff_rec.training.fed_recon`
+(TFF's algorithm on the fast client loop, optionally with closed-form
+reconstruction) unless `fedrecon_implementation='tff'` selects TFF's
+`build_fed_recon`, kept as the reference.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ from typing import Optional
 import tensorflow_federated as tff
 
 from tff_rec.training import aggregators
+from tff_rec.training import fed_recon
 from tff_rec.training import model_fns
 from tff_rec.training import optimizers
 
@@ -21,6 +28,10 @@ LOOP_IMPLEMENTATIONS = {
     'iterator': tff.learning.LoopImplementation.DATASET_ITERATOR,
     'reduce': tff.learning.LoopImplementation.DATASET_REDUCE,
 }
+# FedRecon: ours (`fed_recon`, the default) or TFF's `build_fed_recon` (the
+# reference: Dataset.reduce loops, gradient reconstruction only).
+FEDRECON_IMPLEMENTATIONS = ('fast', 'tff')
+RECONSTRUCTIONS = fed_recon.RECONSTRUCTIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,9 +54,14 @@ class AlgorithmConfig:
   # TFF's plain mean, as in the FedRecon paper. Ignored when an explicit
   # aggregator (DP, compression) is given.
   row_sparse_mean: bool = True
-  # Client training loop of FedAvg/FedProx (keys of LOOP_IMPLEMENTATIONS);
-  # FedRecon has no such option in TFF.
+  # Client training loop (keys of LOOP_IMPLEMENTATIONS); TFF's FedRecon
+  # builder always uses 'reduce'.
   loop_implementation: str = 'iterator'
+  # FedRecon: how the local part is rebuilt ('gradient': recon_epochs of the
+  # reconstruction optimizer; 'closed_form': the exact ridge solution, for
+  # models affine in their user-side variables) and whose builder runs it.
+  reconstruction: str = 'gradient'
+  fedrecon_implementation: str = 'fast'
 
   def __post_init__(self):
     if self.name not in ALGORITHMS:
@@ -57,6 +73,17 @@ class AlgorithmConfig:
                        f'valid: {", ".join(LOOP_IMPLEMENTATIONS)}')
     if self.name == 'fedprox' and not self.proximal_strength > 0:
       raise ValueError('fedprox needs a positive proximal_strength')
+    if self.reconstruction not in RECONSTRUCTIONS:
+      raise ValueError(f'unknown reconstruction {self.reconstruction!r}; '
+                       f'valid: {", ".join(RECONSTRUCTIONS)}')
+    if self.fedrecon_implementation not in FEDRECON_IMPLEMENTATIONS:
+      raise ValueError(f'unknown fedrecon_implementation {self.fedrecon_implementation!r}; '
+                       f'valid: {", ".join(FEDRECON_IMPLEMENTATIONS)}')
+    if self.reconstruction == 'closed_form' and self.name != 'fedrecon':
+      raise ValueError(f'reconstruction=closed_form is for fedrecon, not {self.name}')
+    if self.reconstruction == 'closed_form' and self.fedrecon_implementation == 'tff':
+      raise ValueError("TFF's build_fed_recon has gradient reconstruction only; closed_form needs "
+                       "fedrecon_implementation='fast'")
 
   @property
   def uniform(self) -> bool:
@@ -90,26 +117,7 @@ def build_process(
   if config.name == 'fedrecon':
     if user_embedding != model_fns.UserEmbedding.LOCAL:
       raise ValueError('fedrecon needs local user embeddings')
-    split_fn = tff.learning.models.ReconstructionModel.build_dataset_split_fn(
-        recon_epochs=config.recon_epochs,
-        recon_steps_max=config.recon_steps_max,
-        post_recon_steps_max=config.post_recon_steps_max,
-        split_dataset=config.split_dataset,
-    )
-    return tff.learning.algorithms.build_fed_recon(
-        model_fns.recon_model_fn(spec),
-        loss_fn=model_fns.loss_fn(spec.task),
-        metrics_fn=model_fns.metrics_fn(spec.task),
-        server_optimizer_fn=server_opt,
-        client_optimizer_fn=client_opt,
-        reconstruction_optimizer_fn=optimizers.build_optimizer(config.reconstruction_optimizer),
-        dataset_split_fn=split_fn,
-        client_weighting=(
-            tff.learning.ClientWeighting.UNIFORM if config.uniform
-            else tff.learning.ClientWeighting.NUM_EXAMPLES
-        ),
-        model_aggregator_factory=model_aggregator,
-    )
+    return _build_fed_recon(config, spec, client_opt, server_opt, model_aggregator)
 
   if user_embedding == model_fns.UserEmbedding.LOCAL:
     raise ValueError(f'{config.name} cannot keep user embeddings local; use fedrecon')
@@ -130,3 +138,41 @@ def build_process(
         model_fn, proximal_strength=config.proximal_strength, **kwargs)
   return tff.learning.algorithms.build_weighted_fed_prox(
       model_fn, proximal_strength=config.proximal_strength, **kwargs)
+
+
+def _build_fed_recon(config: AlgorithmConfig, spec: model_fns.ModelSpec, client_opt, server_opt,
+                     model_aggregator) -> tff.learning.templates.LearningProcess:
+  """FedRecon by `config.fedrecon_implementation` (closed form refused where it does not apply)."""
+  ridge = model_fns.closed_form_ridge(spec) if config.reconstruction == 'closed_form' else None
+  split = fed_recon.DataSplit(
+      recon_epochs=config.recon_epochs, recon_steps_max=config.recon_steps_max,
+      post_recon_steps_max=config.post_recon_steps_max, split_dataset=config.split_dataset,
+  ).for_reconstruction(config.reconstruction)
+  weighting = (tff.learning.ClientWeighting.UNIFORM if config.uniform
+               else tff.learning.ClientWeighting.NUM_EXAMPLES)
+  recon_opt = optimizers.build_optimizer(config.reconstruction_optimizer)
+  if config.fedrecon_implementation == 'tff':
+    return tff.learning.algorithms.build_fed_recon(
+        model_fns.recon_model_fn(spec),
+        loss_fn=model_fns.loss_fn(spec.task),
+        metrics_fn=model_fns.metrics_fn(spec.task),
+        server_optimizer_fn=server_opt,
+        client_optimizer_fn=client_opt,
+        reconstruction_optimizer_fn=recon_opt,
+        dataset_split_fn=split.tff_split_fn(),
+        client_weighting=weighting,
+        model_aggregator_factory=model_aggregator,
+    )
+  return fed_recon.build_fed_recon(
+      model_fns.recon_model_fn(spec),
+      loss_fn=model_fns.loss_fn(spec.task),
+      metrics_fn=model_fns.metrics_fn(spec.task),
+      server_optimizer=server_opt,
+      client_optimizer=client_opt,
+      reconstruction_optimizer=recon_opt,
+      split=split,
+      client_weighting=weighting,
+      model_aggregator=model_aggregator,
+      loop_implementation=LOOP_IMPLEMENTATIONS[config.loop_implementation],
+      ridge=ridge,
+  )

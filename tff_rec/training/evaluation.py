@@ -2,7 +2,8 @@
 
 - `table` models (FedAvg/FedProx, users seen in training): TFF's
   `build_fed_eval` on each user's query ratings.
-- `local` models (FedRecon): `build_fed_recon_eval`; the user embedding is
+- `local` models (FedRecon): `fed_recon.build_fed_recon_eval` (or TFF's
+  `build_fed_recon_eval` with `implementation='tff'`); the user embedding is
   rebuilt on the device from its support ratings, then the query ratings are
   scored. For users seen in training the support set is their training
   ratings; for unseen users it is every other batch of their data (TFF's
@@ -24,6 +25,7 @@ import tensorflow_federated as tff
 
 from tff_rec.data import federated
 from tff_rec.data import ratings as ratings_lib
+from tff_rec.training import fed_recon
 from tff_rec.training import model_fns
 from tff_rec.training import optimizers
 
@@ -36,19 +38,40 @@ class ReconEvalConfig:
   recon_epochs: int = 1
   recon_steps_max: Optional[int] = None
   post_recon_steps_max: Optional[int] = None
+  # As in `algorithms.AlgorithmConfig`: gradient steps or the closed form, by
+  # our fast client loop ('fast') or TFF's `build_fed_recon_eval` ('tff').
+  reconstruction: str = 'gradient'
+  implementation: str = 'fast'
+
+  def __post_init__(self):
+    fed_recon.check_reconstruction(self.reconstruction)
+    if self.implementation not in ('fast', 'tff'):
+      raise ValueError(f"unknown implementation {self.implementation!r}; valid: fast, tff")
+    if self.reconstruction == 'closed_form' and self.implementation == 'tff':
+      raise ValueError("TFF's build_fed_recon_eval has gradient reconstruction only")
 
 
-def _split_by_query_flag(batch_size: int):
-  """A split fn: support rows reconstruct, query rows are evaluated."""
-
-  def split(dataset: tf.data.Dataset):
-    rows = dataset.unbatch()
-    recon = rows.filter(lambda e: tf.logical_not(e['x']['query']))
-    post = rows.filter(lambda e: e['x']['query'])
-    return (recon.batch(batch_size).map(federated.strip_query),
-            post.batch(batch_size).map(federated.strip_query))
-
-  return split
+def _recon_eval_process(spec: model_fns.ModelSpec, input_spec, recon: ReconEvalConfig,
+                        split: fed_recon.DataSplit):
+  """FedRecon evaluation by `recon.implementation`."""
+  model_fn = model_fns.recon_model_fn(spec, input_spec=input_spec)
+  optimizer = optimizers.build_optimizer(recon.optimizer)
+  if recon.implementation == 'tff':
+    return tff.learning.algorithms.build_fed_recon_eval(
+        model_fn,
+        loss_fn=model_fns.loss_fn(spec.task),
+        metrics_fn=model_fns.metrics_fn(spec.task),
+        reconstruction_optimizer_fn=optimizer,
+        dataset_split_fn=split.tff_split_fn(),
+    )
+  return fed_recon.build_fed_recon_eval(
+      model_fn,
+      loss_fn=model_fns.loss_fn(spec.task),
+      metrics_fn=model_fns.metrics_fn(spec.task),
+      reconstruction_optimizer=optimizer,
+      split=split,
+      ridge=model_fns.closed_form_ridge(spec) if recon.reconstruction == 'closed_form' else None,
+  )
 
 
 class FederatedEvaluator:
@@ -84,22 +107,16 @@ class FederatedEvaluator:
       spec_in = federated.element_spec()
     self.user_ids = list(self.client_data.client_ids)
     if reconstructs:
-      if heldout_users:
-        split_fn = tff.learning.models.ReconstructionModel.build_dataset_split_fn(
-            recon_epochs=recon.recon_epochs,
-            recon_steps_max=recon.recon_steps_max,
-            post_recon_steps_max=recon.post_recon_steps_max,
-            split_dataset=True,
-        )
-      else:
-        split_fn = _split_by_query_flag(batch_size)
-      process = tff.learning.algorithms.build_fed_recon_eval(
-          model_fns.recon_model_fn(spec, input_spec=spec_in),
-          loss_fn=model_fns.loss_fn(spec.task),
-          metrics_fn=model_fns.metrics_fn(spec.task),
-          reconstruction_optimizer_fn=optimizers.build_optimizer(recon.optimizer),
-          dataset_split_fn=split_fn,
-      )
+      # Unseen users: every other batch reconstructs (TFF's split_dataset=True),
+      # as in Singhal et al. 2021; seen users: support rows reconstruct.
+      split = fed_recon.DataSplit(
+          recon_epochs=recon.recon_epochs,
+          recon_steps_max=recon.recon_steps_max,
+          post_recon_steps_max=recon.post_recon_steps_max,
+          split_dataset=heldout_users,
+          by_query_marker=not heldout_users,
+      ).for_reconstruction(recon.reconstruction)
+      process = _recon_eval_process(spec, spec_in, recon, split)
     else:
       process = tff.learning.algorithms.build_fed_eval(
           model_fns.tff_model_fn(spec, user_embedding, input_spec=spec_in)

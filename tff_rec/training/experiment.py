@@ -115,6 +115,7 @@ def model_spec(config: FederatedConfig, split: splits_lib.Split) -> model_fns.Mo
       num_items=split.train.num_items,
       task=task,
       seed=config.seed,
+      name=config.model.name,
   )
 
 
@@ -183,6 +184,8 @@ def run_federated(
         f'clients_per_round={config.clients_per_round} exceeds the {len(train_users)} training users'
     )
   spec = model_spec(config, split)
+  if config.algorithm.reconstruction == 'closed_form':
+    model_fns.closed_form_ridge(spec)  # ValueError naming the model where it does not apply.
   user_embedding = algorithms.default_user_embedding(config.algorithm.name, split.heldout_users)
   implicit = spec.task == base.TASK_IMPLICIT
   if implicit and (config.negatives_per_positive <= 0 or split.negatives is None):
@@ -213,6 +216,7 @@ def run_federated(
           seed=config.seed,
           negatives_per_positive=config.negatives_per_positive,
       ),
+      storage_dir=config.client_data_dir,
   )
   composed = tff.simulation.compose_dataset_computation_with_learning_process(
       train_data.dataset_computation, process

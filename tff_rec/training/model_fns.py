@@ -44,6 +44,8 @@ class ModelSpec:
   # Fixed 0/1 sparsity patterns of embedding tables, by layer name
   # (`EmbeddingLookup.set_mask`): fine-tuning a pruned model keeps them.
   masks: Optional[Mapping[str, np.ndarray]] = None
+  # The registry name (`--model`), for messages.
+  name: str = ''
 
   def build(self, user_embedding: UserEmbedding) -> base.RecModel:
     personal = user_embedding != UserEmbedding.TABLE
@@ -113,6 +115,39 @@ def recon_model_fn(
     )
 
   return model_fn
+
+
+def closed_form_ridge(spec: ModelSpec) -> tuple[float, ...]:
+  """The L2 coefficient of each local trainable variable, for closed-form reconstruction.
+
+  Args:
+    spec: The model spec.
+
+  Returns:
+    One coefficient per local trainable variable, in TFF's order.
+
+  Raises:
+    ValueError: naming the model, if its reconstruction is not a ridge
+      regression: the prediction must be affine in the user-side variables
+      (`RecModel.affine_in_local`: biased MF, GMF), the loss squared (a
+      rating task), and every user-side layer an `EmbeddingLookup` (whose
+      row L2 is the ridge term).
+  """
+  rec = spec.build(UserEmbedding.LOCAL)
+  name = spec.name or rec.keras_model.name
+  why = None
+  if not rec.affine_in_local:
+    why = 'its prediction is not affine in the user-side variables'
+  elif spec.task != base.TASK_RATING:
+    why = f'its task is {spec.task!r} (a logistic loss), not a rating regression (squared loss)'
+  elif not all(isinstance(layer, base.EmbeddingLookup) for layer in rec.local_layers):
+    why = 'a user-side layer is not an EmbeddingLookup'
+  if why:
+    raise ValueError(
+        f'closed-form reconstruction does not apply to model {name!r}: {why}. It solves a ridge '
+        "regression, which needs biased MF ('mf') or GMF with task='rating'; use "
+        'reconstruction=gradient for this model')
+  return tuple(float(layer.l2) for layer in rec.local_layers for _ in layer.trainable_variables)
 
 
 def trainable_variable_names(spec: ModelSpec, user_embedding: UserEmbedding) -> list[str]:
