@@ -280,17 +280,17 @@ def _all_clients(r: ratings_lib.Ratings, round_num: int) -> list[str]:
 def measure(r: ratings_lib.Ratings, algo: Algorithm, setup: Setup, storage_dir: str,
             timed_rounds: int, with_central: bool = True, workers: Sequence[str] = ()) -> dict:
   """One algorithm: warm-up round, timed rounds, then the central pass over the same clients."""
+  worker = None
   if workers:
     runtime.set_remote_context(list(workers), clients_per_subround=setup.clients_per_subround)
-    worker_pids = []
   else:
     worker = runtime.set_local_context(clients_per_subround=setup.clients_per_subround)
-    worker_pids = [worker.process.pid]
   clients = len(r.present_users())
   started = time.perf_counter()
   runner = FederatedRunner(r, algo, setup, storage_dir, clients)
   build_seconds = time.perf_counter() - started
   warmup_seconds, _ = common.timed(runner.round, _all_clients(r, 1))
+  worker_pids = [worker.worker_pid] if worker is not None else []
   times = []
   with common.PeakMemory(worker_pids) as memory:
     for k in range(timed_rounds):
@@ -338,7 +338,8 @@ def _measure_remote(r, algo: Algorithm, setup: Setup, storage_dir: str, timed_ro
 
 
 def _start_workers(count: int) -> tuple[list, list[str]]:
-  workers = [runtime.LocalWorker().start() for _ in range(count)]
+  # Plain TCP workers, as remote ones are (`--workers`).
+  workers = [runtime.LocalWorker(isolate=False).start() for _ in range(count)]
   return workers, [w.address for w in workers]
 
 

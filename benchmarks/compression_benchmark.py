@@ -36,7 +36,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import importlib.metadata
-import json
 import os
 import platform
 import shutil
@@ -413,11 +412,9 @@ def markdown(result: dict) -> str:
 def write(result: dict, output_dir: str) -> tuple[str, str]:
   """Writes the JSON and Markdown results atomically."""
   os.makedirs(output_dir, exist_ok=True)
-  paths = []
-  for name, text in (('compression_benchmark.json', json.dumps(result, indent=2) + '\n'),
-                     ('compression_benchmark.md', markdown(result))):
-    paths.append(atomic.write(os.path.join(output_dir, name), text))
-  return paths[0], paths[1]
+  json_path = atomic.write_json(os.path.join(output_dir, 'compression_benchmark.json'), result)
+  md_path = atomic.write(os.path.join(output_dir, 'compression_benchmark.md'), markdown(result))
+  return json_path, md_path
 
 
 def main(argv: Sequence[str]) -> None:

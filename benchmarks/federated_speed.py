@@ -108,9 +108,9 @@ class FederatedRunner:
         client_optimizer=optimizers.OptimizerConfig('sgd', setup.client_learning_rate),
         server_optimizer=optimizers.OptimizerConfig('sgd', setup.server_learning_rate),
         row_sparse_mean=row_sparse_mean,
-        loop_implementation=variant.loop_implementation,
     )
-    self.process = algorithms.build_process(config, spec, model_fns.UserEmbedding.TABLE)
+    self.process = algorithms.build_process(config, spec, model_fns.UserEmbedding.TABLE,
+                                            loop_implementation=variant.loop_implementation)
     data = federated.client_data(
         r, dataset_config(setup), storage_dir=storage_dir if variant.storage == 'files' else None)
     self.composed = tff.simulation.compose_dataset_computation_with_learning_process(
@@ -179,7 +179,7 @@ def measure_rounds(r, variant: Variant, row_sparse_mean: bool, setup: Setup, cli
       central = CentralRunner(r, setup)
       central.epoch(warm_ids)
     times, central_times, loss = [], [], None
-    with common.PeakMemory([runner.worker.process.pid]) as memory:
+    with common.PeakMemory([runner.worker.worker_pid]) as memory:
       for k in range(timed_rounds):
         ids = client_ids(r, clients, setup.seed, 2 + k)
         seconds, metrics = common.timed(runner.round, ids)

@@ -50,6 +50,9 @@ def available(name: str) -> bool:
 
 
 def default_data_dir() -> Optional[str]:
+  """$TFF_REC_DATA_DIR, else ../shared/data beside the repository if present."""
+  if os.environ.get('TFF_REC_DATA_DIR'):
+    return os.environ['TFF_REC_DATA_DIR']
   return _SHARED_DATA if os.path.isdir(_SHARED_DATA) else None
 
 

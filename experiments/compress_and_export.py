@@ -31,6 +31,8 @@ from typing import Optional, Sequence
 
 from absl import app
 from absl import flags
+
+from experiments import common_flags
 from absl import logging
 import numpy as np
 
@@ -283,6 +285,11 @@ def run(config: PipelineConfig) -> PipelineResult:
       split = load_run_split(config.run_dir, config.data_dir)
     except (ValueError, OSError) as e:
       raise app.UsageError(f'--run_data_dir: cannot rebuild the training split of {config.run_dir}: {e}') from e
+  if config.finetune == 'federated' and config.prune_sparsity and split is not None:
+    population = len(split.train.present_users())
+    if config.federated.clients_per_round > population:
+      raise app.UsageError(f'--federated_clients_per_round={config.federated.clients_per_round} '
+                           f'exceeds the {population} training users of {config.run_dir}')
   task = model_config['task']
   model = rec.keras_model
   sparsity, basis = None, None
@@ -384,4 +391,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  common_flags.run(main)

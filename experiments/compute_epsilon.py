@@ -16,7 +16,6 @@ No training happens. Examples (from the repository root):
 See privacy/accounting.py for what the guarantee covers.
 """
 
-import json
 import math
 import os
 from typing import List, Optional, Sequence
@@ -24,6 +23,7 @@ from typing import List, Optional, Sequence
 from absl import app
 from absl import flags
 
+from experiments import common_flags
 from privacy import accounting
 from tff_rec import atomic
 
@@ -190,7 +190,7 @@ def format_report(report: dict) -> List[str]:
 
 def write_json_atomic(path: str, record: dict) -> None:
   """Writes `record` as JSON to `path` via a temporary sibling + os.replace."""
-  atomic.write(path, json.dumps(record, indent=2, sort_keys=True) + '\n')
+  atomic.write_json(path, record, inf_as_string=True, sort_keys=True)
 
 
 def main(argv: Sequence[str]) -> None:
@@ -218,4 +218,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == '__main__':
   flags.mark_flag_as_required('clients_per_round')
-  app.run(main)
+  common_flags.run(main)

@@ -122,8 +122,9 @@ def prepare_dp_for_run(dp_config: dp_aggregators.DpConfig, config: Any,
   """(config, DpSetup) for a FederatedConfig and its split; UsageError if refused.
 
   With DP the returned config has `algorithm.row_sparse_mean=False` (the DP
-  aggregator replaces the default one; recorded so hparams.json is truthful),
-  and `secure_intrinsics=True` when the mode needs secure sums ('ddp').
+  aggregator replaces the default one; recorded so hparams.json is truthful).
+  When the mode needs secure sums ('ddp'), `setup.needs_secure_context` is
+  set: run with `ExecutionConfig(secure_intrinsics=True)`.
   """
   from tff_rec.training import algorithms  # pylint: disable=g-import-not-at-top
 
@@ -155,6 +156,5 @@ def prepare_dp_for_run(dp_config: dp_aggregators.DpConfig, config: Any,
       message = f'--dp={dp_config.mode}: {message}'
     raise app.UsageError(message) from e
   config = dataclasses.replace(
-      config, algorithm=dataclasses.replace(config.algorithm, row_sparse_mean=False),
-      secure_intrinsics=config.secure_intrinsics or setup.needs_secure_context)
+      config, algorithm=dataclasses.replace(config.algorithm, row_sparse_mean=False))
   return config, setup

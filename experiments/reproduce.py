@@ -5,13 +5,13 @@
   python -m experiments.reproduce --table=fedrecon_ml1m --quick --data_dir=../shared/data
 
 Tables: central_baselines, fedrecon_ml1m, ncf_ml1m, privacy_ml1m,
-compression_ml1m (see tff_rec/reproduce/tables.py). Writes to --output_dir
+compression_ml1m (one module per table in experiments/tables/, listed in registry.py). Writes to --output_dir
 (default results/<table>, results/<table>/quick with --quick): table.csv,
 table.md, table.png, manifest.json (flags, seeds, versions, machine, every
 cell's settings), cells/*.json (one finished cell each) and runs/ (training
 run directories with checkpoints). Rerunning the same command skips finished
 cells and resumes interrupted federated training from its checkpoint. Exits
-with status 1 if a cell failed, or, with --quick (the CI smoke test), if a
+with status 1 if a cell failed or could not run (unless --allow_skipped), or, with --quick (the CI smoke test), if a
 model does not beat the trivial predictor (a full run reports that in the
 Markdown instead).
 """
@@ -26,18 +26,19 @@ from typing import Sequence
 from absl import app
 from absl import flags
 
-from tff_rec.reproduce import common
-from tff_rec.reproduce import harness
-from tff_rec.reproduce import report
-from tff_rec.reproduce import tables
+from experiments import common_flags
+from experiments.tables import common
+from experiments.tables import harness
+from experiments.tables import report
+from experiments.tables import registry as tables
 
 FLAGS = flags.FLAGS
 
 _TABLE = flags.DEFINE_enum('table', None, list(tables.TABLES), 'Which table to reproduce.')
 _OUTPUT_DIR = flags.DEFINE_string('output_dir', None,
                                   'Output folder (default results/<table>, or results/<table>/quick).')
-_DATA_DIR = flags.DEFINE_string('data_dir', None, 'Folder holding ml-100k.zip, ml-1m.zip and '
-                                'ncf-ml-1m.zip. Default: the download cache (MovieLens only).')
+_DATA_DIR = common_flags.define_data_dir_flag(
+    'Folder holding ml-100k.zip, ml-1m.zip and ncf-ml-1m.zip (e.g. ../shared/data).')
 _ML100K = flags.DEFINE_string('ml_100k', None, 'ML-100K zip or folder (overrides --data_dir).')
 _ML1M = flags.DEFINE_string('ml_1m', None, 'ML-1M zip or folder (overrides --data_dir).')
 _NCF = flags.DEFINE_string('ncf_ml_1m', None, 'NCF leave-one-out files, zip or folder '
@@ -51,6 +52,10 @@ _MAX_EPOCHS = flags.DEFINE_integer('max_epochs', 0, 'Cap on the central epochs o
                                    'table (0: no cap, the paper\'s 20).')
 _ROWS = flags.DEFINE_list('rows', [], 'Only the rows whose label contains one of these.')
 _PROGRESS = flags.DEFINE_bool('progress_bar', False, 'Progress bars of the training runs.')
+_ALLOW_SKIPPED = flags.DEFINE_bool(
+    'allow_skipped', False, 'Accept cells that cannot run (e.g. a missing optional module) in a '
+    'draft: their rows are marked skipped with the reason. Without it such a cell fails the '
+    'command (exit status 1).')
 _LIST = flags.DEFINE_bool('list_cells', False, 'Print the cells (and whether done) and exit.')
 
 flags.mark_flag_as_required('table')
@@ -85,13 +90,13 @@ def options_from_flags() -> harness.RunOptions:
       output_dir=output_dir, seeds=seeds, quick=_QUICK.value,
       max_rounds=_MAX_ROUNDS.value or None, max_epochs=_MAX_EPOCHS.value or None,
       data_dir=_DATA_DIR.value, data_paths=paths,
-      rows=tuple(_ROWS.value), progress_bar=_PROGRESS.value)
+      rows=tuple(_ROWS.value), progress_bar=_PROGRESS.value, allow_skipped=_ALLOW_SKIPPED.value)
 
 
 def flag_values() -> dict:
   """The values of this binary's flags (for the manifest)."""
   names = ('table', 'output_dir', 'data_dir', 'ml_100k', 'ml_1m', 'ncf_ml_1m', 'seeds', 'quick',
-           'max_rounds', 'max_epochs', 'rows', 'progress_bar')
+           'max_rounds', 'max_epochs', 'rows', 'progress_bar', 'allow_skipped')
   return {n: FLAGS[n].value for n in names}
 
 
@@ -104,7 +109,6 @@ def list_cells(table: harness.TableSpec, options: harness.RunOptions) -> None:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  from experiments import common_flags  # pylint: disable=g-import-not-at-top
   common_flags.quiet_logging()
   options = options_from_flags()
   table = tables.get(_TABLE.value)
@@ -127,4 +131,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  common_flags.run(main)

@@ -21,6 +21,8 @@ from typing import Sequence
 
 from absl import app
 from absl import flags
+
+from experiments import common_flags
 from absl import logging
 
 from privacy import dpsgd
@@ -29,7 +31,7 @@ from tff_rec.data import sources
 from tff_rec.data import splits
 
 _DATASET = flags.DEFINE_enum('dataset', 'ml-1m', ['ml-100k', 'ml-1m'], 'MovieLens release.')
-_DATA_DIR = flags.DEFINE_string('data_dir', None, 'Local copy (directory or .zip) of the data set.')
+_DATA_DIR = common_flags.define_data_dir_flag('Folder (or .zip) holding the MovieLens data.')
 _TEST_FRACTION = flags.DEFINE_float('test_fraction', 0.2, 'Random test fraction of the ratings.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed for the split, initialization and sampling.')
 _NOISE = flags.DEFINE_float('noise_multiplier', 0.55, 'Noise std / clip norm; 0: non-private.')
@@ -102,4 +104,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  common_flags.run(main)

@@ -10,6 +10,7 @@ model under --root_output_dir/--experiment_name.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 from absl import app
@@ -20,10 +21,12 @@ from experiments import common_flags
 from experiments import dp_flags
 from compression import comm
 from privacy import dp_aggregators
+from tff_rec import runtime
 from tff_rec.data import errors
 from tff_rec.training import algorithms
 from tff_rec.training import data_setup
 from tff_rec.training import evaluation
+from tff_rec.training import execution as execution_lib
 from tff_rec.training import experiment
 from tff_rec.training import model_fns
 from tff_rec.training import sampling
@@ -65,6 +68,9 @@ flags.DEFINE_bool('row_sparse_mean', True, 'Average embedding-table rows over th
                   'touched them (False: TFF\'s plain mean, as in the FedRecon paper). Off with DP.')
 flags.DEFINE_bool('progress_bar', True, 'Show a progress bar.')
 flags.DEFINE_list('workers', [], 'host:port of running TFF worker_binary processes (default: one local worker).')
+flags.DEFINE_float('worker_timeout_sec', runtime.WORKER_TIMEOUT_SEC,
+                   'With --workers: a worker that does not answer a liveness probe for this long '
+                   'while the run waits on it is reported dead and the run stops (rerun to resume).')
 flags.DEFINE_integer('worker_restarts', 2, 'Replace a crashed local worker this many times, resuming '
                      'from the last checkpoint, before failing (not with --workers).', lower_bound=0)
 flags.DEFINE_integer('max_concurrent_computation_calls', -1, 'Local worker concurrency cap (-1: none).')
@@ -74,6 +80,11 @@ flags.DEFINE_string('client_data_dir', None, 'Keep one file per user here, read 
                     '--workers run on other hosts: a path they all see).')
 flags.DEFINE_enum('loop_implementation', 'iterator', list(algorithms.LOOP_IMPLEMENTATIONS),
                   'Client loop: TFF DATASET_ITERATOR (faster) or DATASET_REDUCE.')
+flags.DEFINE_bool('allow_config_change', False, 'Resume a run directory even though it was trained '
+                  'with different result-defining flags (the results then mix both; default: refuse, '
+                  'naming each difference).')
+flags.DEFINE_float('max_zeroed_client_share', 0.5, 'Stop the run (keeping the last good checkpoint) '
+                   'when more than this share of a round\'s clients sent non-finite updates.')
 flags.DEFINE_enum('reconstruction', 'gradient', list(algorithms.RECONSTRUCTIONS),
                   'FedRecon: rebuild the user-side variables by --recon_epochs of the reconstruction '
                   'optimizer (gradient) or exactly, as the ridge regression it is for biased MF and '
@@ -106,9 +117,7 @@ def config_from_flags() -> experiment.FederatedConfig:
         post_recon_steps_max=FLAGS.post_recon_steps_max,
         split_dataset=FLAGS.split_dataset,
         row_sparse_mean=FLAGS.row_sparse_mean,
-        loop_implementation=FLAGS.loop_implementation,
         reconstruction=FLAGS.reconstruction,
-        fedrecon_implementation=FLAGS.fedrecon_implementation,
     )
   except ValueError as e:
     raise app.UsageError(f'--algorithm/--weighting/--proximal_strength/--reconstruction: {e}') from e
@@ -130,28 +139,59 @@ def config_from_flags() -> experiment.FederatedConfig:
           recon_steps_max=FLAGS.recon_steps_max,
           post_recon_steps_max=FLAGS.post_recon_steps_max,
           reconstruction=FLAGS.reconstruction,
-          implementation=FLAGS.fedrecon_implementation,
       ),
       finetune_eval=FLAGS.finetune_eval,
-      checkpoint_every=FLAGS.checkpoint_every,
-      root_output_dir=FLAGS.root_output_dir,
-      experiment_name=FLAGS.experiment_name,
       seed=FLAGS.seed,
-      progress_bar=FLAGS.progress_bar,
-      worker_addresses=tuple(FLAGS.workers),
-      max_concurrent_computation_calls=FLAGS.max_concurrent_computation_calls,
-      worker_restarts=FLAGS.worker_restarts,
-      clients_per_subround=FLAGS.clients_per_subround,
-      client_data_dir=FLAGS.client_data_dir,
   )
 
 
-def prepare_run(config: experiment.FederatedConfig, split, dp_config, compression: str,
-                compression_threshold: int) -> tuple[experiment.FederatedConfig, dict]:
+def _execution_flag(message: str) -> str:
+  """The flag an ExecutionConfig error is about (its field name starts the message)."""
+  field = message.split()[0] if message else ''
+  return {'worker_restarts': '--worker_restarts', 'clients_per_subround': '--clients_per_subround',
+          'checkpoint_every': '--checkpoint_every',
+          'max_zeroed_client_share': '--max_zeroed_client_share',
+          'worker_timeout_sec': '--worker_timeout_sec'}.get(field, 'execution flags')
+
+
+def execution_from_flags() -> execution_lib.ExecutionConfig:
+  """The execution-only flags (they may change when a run is resumed)."""
+  for address in FLAGS.workers:
+    host, _, port = address.strip().rpartition(':')
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+      raise app.UsageError(f'--workers: {address!r} is not host:port (port 1-65535)')
+  common_flags.check_output_dir(FLAGS.root_output_dir, FLAGS.experiment_name)
+  if FLAGS.reconstruction == 'closed_form' and FLAGS.fedrecon_implementation == 'tff':
+    raise app.UsageError("--reconstruction=closed_form: TFF's builder "
+                         '(--fedrecon_implementation=tff) has gradient reconstruction only')
+  try:
+    return execution_lib.ExecutionConfig(
+        root_output_dir=FLAGS.root_output_dir,
+        experiment_name=FLAGS.experiment_name,
+        checkpoint_every=FLAGS.checkpoint_every,
+        progress_bar=FLAGS.progress_bar,
+        worker_addresses=tuple(FLAGS.workers),
+        max_concurrent_computation_calls=FLAGS.max_concurrent_computation_calls,
+        worker_restarts=FLAGS.worker_restarts,
+        clients_per_subround=FLAGS.clients_per_subround,
+        client_data_dir=FLAGS.client_data_dir,
+        loop_implementation=FLAGS.loop_implementation,
+        fedrecon_implementation=FLAGS.fedrecon_implementation,
+        allow_config_change=FLAGS.allow_config_change,
+        max_zeroed_client_share=FLAGS.max_zeroed_client_share,
+        worker_timeout_sec=FLAGS.worker_timeout_sec,
+    )
+  except ValueError as e:
+    raise app.UsageError(f'{_execution_flag(str(e))}: {e}') from e
+
+
+def prepare_run(config: experiment.FederatedConfig, execution: execution_lib.ExecutionConfig, split,
+                dp_config, compression: str, compression_threshold: int
+                ) -> tuple[experiment.FederatedConfig, execution_lib.ExecutionConfig, dict]:
   """DP, compression and byte counting for a run; UsageError if refused.
 
-  Returns the (possibly adjusted) config and the keyword arguments for
-  `experiment.run_federated`.
+  Returns the (possibly adjusted) config and execution, and the keyword
+  arguments for `experiment.run_federated`.
   """
   common_flags.check_population(config.clients_per_round, split)
   if config.algorithm.reconstruction == 'closed_form':
@@ -160,6 +200,8 @@ def prepare_run(config: experiment.FederatedConfig, split, dp_config, compressio
     except ValueError as e:
       raise app.UsageError(f'--reconstruction=closed_form with --model={config.model.name}: {e}') from e
   config, dp = dp_flags.prepare_dp_for_run(dp_config, config, split)
+  if dp.needs_secure_context:
+    execution = dataclasses.replace(execution, secure_intrinsics=True)
   weighted = not config.algorithm.uniform
   dp_kwargs = {'dp_factory': dp.aggregator}
   if (compression != 'none' and dp_config.enabled and dp_config.mode in dp_aggregators.QUERY_MODES
@@ -177,7 +219,7 @@ def prepare_run(config: experiment.FederatedConfig, split, dp_config, compressio
                                      row_sparse_mean=config.algorithm.row_sparse_mean)
   extra = comm.combine_metrics_fns(dp.extra_metrics_fn,
                                    comm.comm_metrics_fn(stats, config.clients_per_round))
-  return config, dict(
+  return config, execution, dict(
       split=split, model_aggregator=aggregator, extra_metrics_fn=extra,
       total_rounds=dp.total_rounds,
       hparams_extra={'dp': dp.report(), 'compression': {'mode': compression,
@@ -189,6 +231,7 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   common_flags.quiet_logging()
   config = config_from_flags()
+  execution = execution_from_flags()
   dp_config = dp_flags.dp_config_from_flags()
   if FLAGS.compression_threshold < 0:
     raise app.UsageError(f'--compression_threshold must be >= 0, got {FLAGS.compression_threshold}')
@@ -196,11 +239,12 @@ def main(argv: Sequence[str]) -> None:
     split = data_setup.load_split(config.data)
   except (errors.DataError, ValueError) as e:
     raise app.UsageError(f'--dataset/--data_dir: {e}') from e
-  config, kwargs = prepare_run(config, split, dp_config, FLAGS.compression, FLAGS.compression_threshold)
-  result = experiment.run_federated(config, **kwargs)
+  config, execution, kwargs = prepare_run(config, execution, split, dp_config, FLAGS.compression,
+                                          FLAGS.compression_threshold)
+  result = experiment.run_federated(config, execution, **kwargs)
   logging.info('Test metrics: %s', result.test_metrics)
   print(experiment.summary_line(result))
 
 
 if __name__ == '__main__':
-  app.run(main)
+  common_flags.run(main)

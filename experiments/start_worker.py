@@ -19,6 +19,8 @@ from typing import Sequence
 from absl import app
 from absl import flags
 
+from experiments import common_flags
+
 from tff_rec import runtime
 
 FLAGS = flags.FLAGS
@@ -51,4 +53,4 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  common_flags.run(main)

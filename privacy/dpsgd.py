@@ -38,7 +38,6 @@ the batch was empty).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -430,19 +429,13 @@ def result_markdown(result: DpSgdResult, extra: Optional[dict] = None) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def _json_default(v):
-  if isinstance(v, (np.floating, np.integer)):
-    return v.item()
-  raise TypeError(f'not JSON serializable: {type(v)}')
-
-
 def write_result(result: DpSgdResult, output_dir: str, extra: Optional[dict] = None) -> tuple[str, str]:
   """Writes result.json and result.md atomically; returns their paths."""
   record = result.to_json()
   record.update(extra or {})
   json_path = os.path.join(output_dir, 'result.json')
   md_path = os.path.join(output_dir, 'result.md')
-  # json.dumps writes inf as Infinity, which Python's json reads back.
-  atomic.write(json_path, json.dumps(record, indent=2, default=_json_default) + '\n')
+  # Strict JSON; the ε of a run without noise is infinite: written as "inf".
+  atomic.write_json(json_path, record, inf_as_string=True)
   atomic.write(md_path, result_markdown(result, extra))
   return json_path, md_path

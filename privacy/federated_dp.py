@@ -343,10 +343,14 @@ def prepare_dp(
     if config.target_epsilon is not None:
       run_rounds = accounting.check_budget(plan, config.target_epsilon, config.on_budget,
                                            config.accountant)
-      if run_rounds < rounds:
-        logging.warning('DP: stopping after %d of %d rounds to stay within epsilon %g',
-                        run_rounds, rounds, config.target_epsilon)
     tracker = accounting.EpsilonTracker.from_plan(plan, config.accountant)
+    if run_rounds < rounds:
+      logging.warning(
+          'DP budget: target epsilon %g at delta %.3g (%s accountant) allows %d of the %d '
+          'requested rounds; training stops after round %d, at epsilon %.4g (round %d would '
+          'reach %.4g)', config.target_epsilon, delta, config.accountant, run_rounds, rounds,
+          run_rounds, tracker.epsilon_after(run_rounds), run_rounds + 1,
+          tracker.epsilon_after(run_rounds + 1))
   elif config.target_epsilon is not None:
     raise DpSetupError('--dp_noise_multiplier=0 gives no privacy (epsilon = inf) and '
                        'cannot meet --target_epsilon')

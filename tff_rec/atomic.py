@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import tempfile
 from typing import Union
@@ -33,3 +35,35 @@ def write(path: str, data: Union[str, bytes]) -> str:
       os.remove(tmp)
     raise
   return path
+
+
+def _jsonable(value, where: str, inf_as_string: bool):
+  """`value` with numpy scalars/arrays as Python values; ValueError at a non-finite float."""
+  if hasattr(value, 'tolist') and not isinstance(value, (str, bytes)):
+    value = value.tolist()
+  elif hasattr(value, 'item') and callable(value.item) and not isinstance(value, (str, bytes)):
+    value = value.item()
+  if isinstance(value, float) and not math.isfinite(value):
+    if inf_as_string and math.isinf(value):
+      return 'inf' if value > 0 else '-inf'
+    raise ValueError(f'{where} is {value!r}; JSON has no such number and nothing here is written '
+                     'silently wrong')
+  if isinstance(value, dict):
+    return {str(k): _jsonable(v, f'{where}.{k}', inf_as_string) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_jsonable(v, f'{where}[{i}]', inf_as_string) for i, v in enumerate(value)]
+  if value is None or isinstance(value, (str, bool, int, float)):
+    return value
+  return str(value)
+
+
+def write_json(path: str, value, *, inf_as_string: bool = False, indent: int = 2,
+               sort_keys: bool = False) -> str:
+  """Writes strict JSON (no NaN/Infinity literals) to `path` atomically; returns path.
+
+  A NaN or infinite number raises ValueError naming the file and the key,
+  and nothing is written; with `inf_as_string`, infinities (e.g. the ε of a
+  run without noise) are written as the strings "inf" / "-inf".
+  """
+  clean = _jsonable(value, os.path.basename(path), inf_as_string)
+  return write(path, json.dumps(clean, indent=indent, sort_keys=sort_keys, allow_nan=False) + '\n')

@@ -23,8 +23,10 @@ import functools
 import math
 import os
 import signal
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from typing import Any, Callable, Optional, Sequence
@@ -40,10 +42,15 @@ _GRPC_OPTIONS = [
 ]
 _PR_SET_PDEATHSIG = 1
 _STARTUP_TIMEOUT_SEC = 60.0
-# A worker that does not answer (re)connection attempts for this long during
-# a call is reported dead (TFF itself would retry forever). The environment
-# variable TFF_REC_WORKER_TIMEOUT_SEC overrides it.
+# A worker that does not answer a liveness probe (a fresh gRPC connection
+# completing its HTTP/2 handshake) for this long while a call waits on it, or
+# (re)connection attempts after a failed call, is reported dead. TFF itself
+# would wait forever on a frozen worker or a silent network. `--worker_timeout_sec`
+# sets it per run; the environment variable TFF_REC_WORKER_TIMEOUT_SEC sets
+# the default.
 WORKER_TIMEOUT_SEC = float(os.environ.get('TFF_REC_WORKER_TIMEOUT_SEC', '15'))
+# While a call waits, the worker is probed this often (at most).
+_PROBE_EVERY_SEC = 5.0
 
 _lock = threading.Lock()
 _live_workers: list['LocalWorker'] = []
@@ -75,36 +82,89 @@ def _die_with_parent() -> None:
 
 
 class LocalWorker:
-  """A TFF C++ `worker_binary` child process bound to this process's life."""
+  """A TFF C++ `worker_binary` child process bound to this process's life.
+
+  With `isolate` (the default where the kernel allows it), the worker runs in
+  its own network namespace and is reached through a private Unix socket
+  (`tff_rec.worker_sandbox`): no other host or user can send it computations.
+  Without it, the worker listens on a TCP port on every interface (what
+  remote workers, `serve_worker`, need).
+  """
 
   def __init__(
       self,
       port: Optional[int] = None,
       max_concurrent_computation_calls: int = -1,
       log_path: Optional[str] = None,
+      isolate: Optional[bool] = None,
   ):
     self.port = port or portpicker.pick_unused_port()
     self.max_concurrent_computation_calls = max_concurrent_computation_calls
     self.log_path = log_path
+    self.isolate = isolate
     self.process: Optional[subprocess.Popen] = None
+    self._socket_dir: Optional[str] = None
+
+  @property
+  def isolated(self) -> bool:
+    return self._socket_dir is not None
 
   @property
   def address(self) -> str:
+    """The gRPC target: `unix:<socket>` when isolated, else `localhost:<port>`."""
+    if self._socket_dir is not None:
+      return f'unix:{os.path.join(self._socket_dir, "worker.sock")}'
     return f'localhost:{self.port}'
+
+  @property
+  def worker_pid(self) -> Optional[int]:
+    """The pid of `worker_binary` itself (a child of the sandbox process when isolated)."""
+    if self.process is None:
+      return None
+    if not self.isolated:
+      return self.process.pid
+    try:
+      import psutil  # pylint: disable=g-import-not-at-top
+      children = psutil.Process(self.process.pid).children()
+      return children[0].pid if children else None
+    except Exception:  # pylint: disable=broad-except
+      return None
+
+  def _argv_env(self) -> tuple[list[str], Optional[dict]]:
+    from tff_rec import worker_sandbox  # pylint: disable=g-import-not-at-top
+
+    plain = [worker_binary_path(), f'--port={self.port}',
+             f'--max_concurrent_computation_calls={self.max_concurrent_computation_calls}']
+    if self.isolate is False:
+      return plain, None
+    prefix = worker_sandbox.unshare_prefix()
+    if prefix is None:
+      message = ('cannot isolate the local TFF worker in a network namespace (`unshare --net` is '
+                 'not permitted here); it listens on TCP port %d on every interface, reachable '
+                 'by anyone on the network' % self.port)
+      if self.isolate or os.environ.get('TFF_REC_REQUIRE_ISOLATED_WORKER') == '1':
+        raise WorkerError(message)
+      logging.warning('%s. Set TFF_REC_REQUIRE_ISOLATED_WORKER=1 to refuse to run instead.',
+                      message)
+      return plain, None
+    self._socket_dir = tempfile.mkdtemp(prefix='tff_rec_worker_')
+    os.chmod(self._socket_dir, 0o700)
+    return worker_sandbox.command(
+        prefix, port=self.port, socket_path=self.address[len('unix:'):],
+        binary=worker_binary_path(),
+        max_concurrent_computation_calls=self.max_concurrent_computation_calls)
 
   def start(self) -> 'LocalWorker':
     """Starts the worker (from the calling thread) and registers its cleanup."""
     if threading.current_thread() is not threading.main_thread():
       # PDEATHSIG fires when the *thread* that forked exits.
       raise WorkerError('start TFF workers from the main thread')
+    argv, env = self._argv_env()
     out = open(self.log_path, 'ab') if self.log_path else subprocess.DEVNULL
     try:
       self.process = subprocess.Popen(
-          [
-              worker_binary_path(),
-              f'--port={self.port}',
-              f'--max_concurrent_computation_calls={self.max_concurrent_computation_calls}',
-          ],
+          argv,
+          env=env,
           stdin=subprocess.DEVNULL,
           stdout=out,
           stderr=out,
@@ -118,7 +178,7 @@ class LocalWorker:
     with _lock:
       _live_workers.append(self)
     _install_exit_hooks()
-    logging.info('Started TFF worker pid %d on port %d', self.process.pid, self.port)
+    logging.info('Started TFF worker pid %d at %s', self.process.pid, self.address)
     return self
 
   def alive(self) -> bool:
@@ -141,6 +201,8 @@ class LocalWorker:
     with _lock:
       if self in _live_workers:
         _live_workers.remove(self)
+    if self._socket_dir is not None:
+      shutil.rmtree(self._socket_dir, ignore_errors=True)
 
 
 def stop_all_workers() -> None:
@@ -183,6 +245,72 @@ def _wait_ready(stub, address: str, worker: Optional[LocalWorker]) -> None:
     time.sleep(0.1)
 
 
+class _Liveness:
+  """Probes a worker with fresh connections; shared by all calls to it.
+
+  A frozen worker process (or a host behind a silent network) keeps its TCP
+  connection open, so a gRPC call to it never fails by itself. A new
+  connection needs the worker's gRPC server to answer the HTTP/2 handshake,
+  which it cannot do when stopped or unreachable.
+  """
+
+  def __init__(self, address: str, timeout_sec: float):
+    self.address = address
+    self.timeout_sec = timeout_sec
+    self._lock = threading.Lock()
+    self._last_ok = time.monotonic()
+    self.dead = False  # Once dead, stays dead: later calls (e.g. clean-up) fail at once.
+    self.reason = (f'stopped answering (no response to a liveness probe within '
+                   f'{timeout_sec:g}s)')
+
+  def answers(self) -> bool:
+    """Whether the worker answered a probe within `timeout_sec` (recent answers count)."""
+    with self._lock:
+      if self.dead:
+        return False
+      if time.monotonic() - self._last_ok < min(_PROBE_EVERY_SEC, self.timeout_sec / 3):
+        return True
+      channel = grpc.insecure_channel(self.address)
+      try:
+        grpc.channel_ready_future(channel).result(timeout=self.timeout_sec)
+      except grpc.FutureTimeoutError:
+        self.dead = True
+        return False
+      finally:
+        channel.close()
+      self._last_ok = time.monotonic()
+      return True
+
+
+class _WatchedRpcs:
+  """The worker's gRPC stub, with every call abandoned once the worker stops answering."""
+
+  def __init__(self, stub, liveness: _Liveness, dead: Callable[[str], Exception]):
+    self._stub = stub
+    self._liveness = liveness
+    self._dead = dead
+
+  def __getattr__(self, name):
+    rpc = getattr(self._stub, name)
+    liveness, dead = self._liveness, self._dead
+
+    def call(request):
+      if liveness.dead:
+        raise dead(liveness.reason)
+      future = rpc.future(request)
+      poll = min(_PROBE_EVERY_SEC, liveness.timeout_sec / 3)
+      while True:
+        try:
+          return future.result(timeout=poll)
+        except grpc.FutureTimeoutError:
+          pass
+        if not liveness.answers() and not future.done():
+          future.cancel()
+          raise dead(liveness.reason)
+
+    return call
+
+
 def _executor_factory(
     address: str,
     worker: Optional[LocalWorker],
@@ -204,6 +332,10 @@ def _executor_factory(
         f'TFF worker at {address} {reason}; restart it (or drop it from --workers) and rerun '
         'the same command to resume from the last checkpoint'
     )
+
+  if worker is None:  # A remote worker; a local one's death breaks the connection at once.
+    # pylint: disable-next=protected-access
+    stub._stub = _WatchedRpcs(stub._stub, _Liveness(address, worker_timeout_sec), dead)
 
   def stack_fn(cardinalities):
     # Called for a new executor: first use, or TFF's retry after a failed call.
@@ -306,7 +438,7 @@ def serve_worker(
   if not portpicker.is_port_free(port):
     raise WorkerError(f'port {port} is already in use')
   worker = LocalWorker(port=port, max_concurrent_computation_calls=max_concurrent_computation_calls,
-                       log_path=log_path).start()
+                       log_path=log_path, isolate=False).start()
   try:
     channel = grpc.insecure_channel(worker.address, _GRPC_OPTIONS)
     deadline = time.monotonic() + _STARTUP_TIMEOUT_SEC

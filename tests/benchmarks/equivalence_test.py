@@ -12,7 +12,7 @@ import pytest
 from benchmarks import federated_speed
 from tff_rec import runtime
 from tff_rec.data import synthetic
-from tff_rec.training import algorithms
+from tff_rec.training import execution
 
 _SETUP = federated_speed.Setup(batch_size=4, embedding_dim=3, client_learning_rate=0.2)
 _FAST = federated_speed.Variant('fast', loop_implementation='iterator', storage='files',
@@ -70,4 +70,4 @@ def test_same_weights_and_metrics_as_before(ratings, before, tmp_path, variant, 
 
 def test_unknown_loop_implementation_is_rejected():
   with pytest.raises(ValueError, match='loop_implementation'):
-    algorithms.AlgorithmConfig(loop_implementation='while')
+    execution.ExecutionConfig(loop_implementation='while')

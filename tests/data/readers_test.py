@@ -311,7 +311,8 @@ class TestFilterAndCatalog:
 
   def test_catalog_user_without_ratings_names_file_and_line(self):
     for catalog in (fixture('u.user'), fixture('users.dat')):
-      readers.filter_ratings(self.ratings(), user_catalog=catalog)
+      out = readers.filter_ratings(self.ratings(), user_catalog=catalog)
+      assert out.num_ratings == self.ratings().num_ratings  # every catalog user rated something
     with pytest.raises(errors.DataError, match='user 4 has no ratings') as e:
       readers.filter_ratings(self.ratings(), user_catalog=fixture('u_extra.user'))
     assert_error_at(e, fixture('u_extra.user'), 4)
@@ -323,7 +324,9 @@ class TestFilterAndCatalog:
       readers.check_user_catalog(self.ratings(), str(path))
 
   def test_catalog_dropped_users_are_exempt(self):
-    readers.filter_ratings(self.ratings(), min_user_ratings=2, user_catalog=fixture('u.user'))
+    # User 4 is dropped (one rating); the catalog check must not then call it unrated.
+    out = readers.filter_ratings(self.ratings(), min_user_ratings=2, user_catalog=fixture('u.user'))
+    assert set(out.user_index.raw_ids[out.present_users()]) == {'1', '2', '3'}
 
   def test_check_ids_in_range(self):
     readers.check_ids_in_range(np.array([0, 1, 2]), 3, path='f', lines=np.array([1, 2, 3]))

@@ -130,8 +130,10 @@ def _prepared(*argv):
   from tff_rec.training import data_setup  # pylint: disable=g-import-not-at-top
   config = run_federated.config_from_flags()
   split = data_setup.load_split(config.data)
-  return run_federated.prepare_run(config, split, dp_flags.dp_config_from_flags(),
-                                   FLAGS.compression, FLAGS.compression_threshold)
+  config, _, kwargs = run_federated.prepare_run(
+      config, run_federated.execution_from_flags(), split, dp_flags.dp_config_from_flags(),
+      FLAGS.compression, FLAGS.compression_threshold)
+  return config, kwargs
 
 
 def test_dp_with_compression_quantizes_inside_the_clip():

@@ -13,6 +13,7 @@ from tff_rec.training import algorithms
 from tff_rec.training import artifacts
 from tff_rec.training import central
 from tff_rec.training import data_setup
+from tff_rec.training import execution
 from tff_rec.training import experiment
 from tff_rec.training import optimizers
 
@@ -63,9 +64,9 @@ def fedrecon_mf(root: str) -> str:
         data=synthetic_data(), model=experiment.ModelConfig('mf', {'embedding_dim': 4}),
         algorithm=algorithms.AlgorithmConfig(
             'fedrecon', client_optimizer=optimizers.OptimizerConfig('sgd', 0.1)),
-        clients_per_round=10, total_rounds=3, eval_every=100, eval_clients=10,
-        root_output_dir=root, experiment_name='fedrecon_mf', progress_bar=False)
-    _RUNS['fedrecon_mf'] = experiment.run_federated(config).run_dir
+        clients_per_round=10, total_rounds=3, eval_every=100, eval_clients=10)
+    _RUNS['fedrecon_mf'] = experiment.run_federated(config, execution.ExecutionConfig(
+        root_output_dir=root, experiment_name='fedrecon_mf', progress_bar=False)).run_dir
   return _RUNS['fedrecon_mf']
 
 

@@ -17,6 +17,7 @@ from tff_rec.data import splits
 from tff_rec.data import synthetic
 from tff_rec.models import registry
 from tff_rec.training import algorithms
+from tff_rec.training import execution
 from tff_rec.training import experiment
 from tff_rec.training import model_fns
 
@@ -101,7 +102,7 @@ def test_over_budget_plan_is_refused_before_training():
 
 
 @pytest.mark.parametrize('sampling', ['poisson', 'fixed_size'])
-def test_on_budget_stop_runs_exactly_the_rounds_within_budget(sampling):
+def test_on_budget_stop_runs_exactly_the_rounds_within_budget(sampling, caplog):
   delta = accounting.default_delta(N)
   tracker = accounting.EpsilonTracker(1.0, M, N, delta, sampling=sampling)
   target = 0.5 * (tracker.epsilon_after(20) + tracker.epsilon_after(21))
@@ -109,6 +110,10 @@ def test_on_budget_stop_runs_exactly_the_rounds_within_budget(sampling):
   assert setup.total_rounds == 20
   assert setup.requested_rounds == T
   assert setup.epsilon_after(20) <= target < setup.epsilon_after(21)
+  # The message states the budget, the rounds, and the epsilon reached.
+  assert f'target epsilon {target:g}' in caplog.text
+  assert f'allows 20 of the {T} requested rounds; training stops after round 20' in caplog.text
+  assert f'at epsilon {tracker.epsilon_after(20):.4g}' in caplog.text
 
 
 def test_plan_within_budget_runs_all_rounds():
@@ -240,22 +245,22 @@ def test_run_federated_with_dp_logs_the_running_epsilon(tmp_path):
   config = experiment.FederatedConfig(
       model=experiment.ModelConfig('mf', {'embedding_dim': 4}),
       algorithm=algorithms.AlgorithmConfig(name='fedrecon', weighting='uniform'),
-      clients_per_round=8, total_rounds=3, eval_every=3, sampling='poisson',
-      root_output_dir=str(tmp_path), progress_bar=False)
+      clients_per_round=8, total_rounds=3, eval_every=3, sampling='poisson')
+  run = execution.ExecutionConfig(root_output_dir=str(tmp_path), progress_bar=False)
   dp = DpConfig('gaussian_adaptive', noise_multiplier=0.3, clip=0.5)
   config, setup = dp_flags.prepare_dp_for_run(dp, config, split)
   result = experiment.run_federated(
-      config, split=split, model_aggregator=setup.aggregator,
+      config, run, split=split, model_aggregator=setup.aggregator,
       extra_metrics_fn=setup.extra_metrics_fn, total_rounds=setup.total_rounds,
       hparams_extra={'dp': setup.report()})
   assert math.isfinite(result.test_metrics['rmse'])
-  with open(tmp_path / config.experiment_name / 'metrics.csv') as f:
+  with open(tmp_path / run.experiment_name / 'metrics.csv') as f:
     rows = [r for r in csv.DictReader(f) if r.get('dp/epsilon')]
   assert [int(r['round_num']) for r in rows] == [1, 2, 3]
   for r in rows:
     plan = accounting.DpPlan(0.3, 8, setup.population, int(r['round_num']), setup.delta)
     assert float(r['dp/epsilon']) == pytest.approx(accounting.compute_epsilon(plan), rel=1e-6)
-  hparams = json.loads((tmp_path / config.experiment_name / 'hparams.json').read_text())
+  hparams = json.loads((tmp_path / run.experiment_name / 'hparams.json').read_text())
   assert hparams['dp']['mode'] == 'gaussian_adaptive'
 
 
@@ -269,15 +274,16 @@ def test_run_federated_with_distributed_dp(tmp_path, algorithm):
       model=experiment.ModelConfig('mf', {'embedding_dim': 4}),
       algorithm=algorithms.AlgorithmConfig(name=algorithm, weighting='uniform',
                                            row_sparse_mean=False),
-      clients_per_round=8, total_rounds=2, eval_every=2, sampling='fixed_size',
-      root_output_dir=str(tmp_path), progress_bar=False)
+      clients_per_round=8, total_rounds=2, eval_every=2, sampling='fixed_size')
   dp = DpConfig('ddp', noise_multiplier=0.3, clip=0.5)
   config, setup = dp_flags.prepare_dp_for_run(dp, config, split)
-  assert config.secure_intrinsics
+  assert setup.needs_secure_context
+  run = execution.ExecutionConfig(root_output_dir=str(tmp_path), progress_bar=False,
+                                  secure_intrinsics=True)
   result = experiment.run_federated(
-      config, split=split, model_aggregator=setup.aggregator,
+      config, run, split=split, model_aggregator=setup.aggregator,
       extra_metrics_fn=setup.extra_metrics_fn, total_rounds=setup.total_rounds)
   assert math.isfinite(result.test_metrics['rmse'])
-  with open(tmp_path / config.experiment_name / 'metrics.csv') as f:
+  with open(tmp_path / run.experiment_name / 'metrics.csv') as f:
     eps = [float(r['dp/epsilon']) for r in csv.DictReader(f) if r.get('dp/epsilon')]
   assert len(eps) == 2 and 0 < eps[0] < eps[1]

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tff_rec.reproduce import harness
+from experiments.tables import harness
 
 
 def _table(build, rows=None):
@@ -95,13 +95,18 @@ def test_a_failing_cell_does_not_stop_the_others_and_is_retried(tmp_path):
   assert calls == [('model', 0)] and run.ok
 
 
-def test_skipped_cells_report_their_reason(tmp_path):
-  run = harness.run_table(_table(_cells([], skip={('model', 0)})),
-                          harness.RunOptions(str(tmp_path), seeds=(0,)))
-  model = next(r for r in run.rows if r.spec.label == 'model')
+def test_a_cell_that_cannot_run_fails_the_table_unless_skips_are_allowed(tmp_path):
+  table = _table(_cells([], skip={('model', 0)}))
+  run = harness.run_table(table, harness.RunOptions(str(tmp_path / 'strict'), seeds=(0,)))
+  assert not run.ok
+  assert run.problems == ['cell model-s0 could not run: skipped: module missing (--allow_skipped '
+                          'accepts this in a draft; the row is then marked skipped)']
+  draft = harness.run_table(table, harness.RunOptions(str(tmp_path / 'draft'), seeds=(0,),
+                                                      allow_skipped=True))
+  model = next(r for r in draft.rows if r.spec.label == 'model')
   assert model.status == harness.SKIPPED
   assert model.values['reason'] == 'skipped: module missing'
-  assert run.ok  # Skipping is not a failure.
+  assert draft.ok
 
 
 def test_trivial_check(tmp_path):

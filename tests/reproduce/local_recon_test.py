@@ -7,8 +7,8 @@ import tensorflow_federated as tff
 
 from tff_rec.data import splits
 from tff_rec.data import synthetic
-from tff_rec.reproduce import common
-from tff_rec.reproduce import local_recon
+from experiments.tables import common
+from tff_rec.training import local_recon
 from tff_rec.training import data_setup
 from tff_rec.training import evaluation
 from tff_rec.training import experiment

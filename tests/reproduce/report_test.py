@@ -6,8 +6,8 @@ import json
 import math
 import os
 
-from tff_rec.reproduce import harness
-from tff_rec.reproduce import report
+from experiments.tables import harness
+from experiments.tables import report
 
 
 def _run(tmp_path, plot=None):

@@ -15,9 +15,10 @@ import sys
 
 import pytest
 
+from experiments.tables import compression_ml1m
+from experiments.tables import harness
+from experiments.tables import registry as tables
 from tests import shared_data
-from tff_rec.reproduce import harness
-from tff_rec.reproduce import tables
 
 REPO_ROOT = shared_data.REPO_ROOT
 
@@ -121,7 +122,7 @@ def test_quick_table(name, tmp_path):
     assert all(float(v) > 0 for k, v in eps.items() if k.startswith('DP'))
   if name == 'compression_ml1m':
     sizes = {r['row']: float(r['gzip_bytes_mean']) for r in lines if r['gzip_bytes_mean']}
-    assert sizes[tables.CP_INT8] < sizes[tables.CP_FLOAT] / 3
+    assert sizes[compression_ml1m.CP_INT8] < sizes[compression_ml1m.CP_FLOAT] / 3
 
 
 def test_invalid_flags_are_usage_errors(tmp_path):

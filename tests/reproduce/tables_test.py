@@ -9,11 +9,19 @@ import re
 import numpy as np
 import pytest
 
+from experiments.tables import common
+from experiments.tables import fedrecon_ml1m
+from experiments.tables import harness
+from experiments.tables import privacy_ml1m
+from experiments.tables import registry as tables
+from experiments.tables import shared
 from tff_rec.data import splits
 from tff_rec.data import synthetic
-from tff_rec.reproduce import common
-from tff_rec.reproduce import harness
-from tff_rec.reproduce import tables
+from tff_rec.training import algorithms
+from tff_rec.training import central
+from tff_rec.training import checkpoints
+from tff_rec.training import execution
+from tff_rec.training import experiment
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -43,7 +51,7 @@ def test_quick_mode_checks_every_row_that_can_beat_the_trivial_predictor():
             for name in tables.TABLES}
   assert not exempt['central_baselines']
   assert exempt['privacy_ml1m'] == sorted(
-      [tables.PV_DPSGD, 'FedAvg, shared user row (non-private)',
+      [privacy_ml1m.PV_DPSGD, 'FedAvg, shared user row (non-private)',
        'DP-FedAvg, shared user row, fixed clip 0.5, z=1.0'])
   assert all('(central)' not in label for label in exempt['ncf_ml1m'])
 
@@ -65,11 +73,46 @@ def test_round_cap_is_recorded_but_keeps_the_run_dir():
   assert a.run_hash == b.run_hash and a.params_hash != b.params_hash
 
 
-def test_execution_only_config_fields_leave_the_cell_hash_alone():
-  cfg = tables.fr_config(tables._fr_settings(False)[1], 'fedrecon', 0, 20)  # pylint: disable=protected-access
-  a = tables._federated_params({}, cfg)  # pylint: disable=protected-access
-  b = tables._federated_params({}, dataclasses.replace(cfg, worker_restarts=7))  # pylint: disable=protected-access
-  assert a == b and 'worker_restarts' not in a['config']
+def test_cell_params_come_from_the_result_config_alone():
+  result_fields = {f.name for f in dataclasses.fields(experiment.FederatedConfig)}
+  result_fields |= {f.name for f in dataclasses.fields(algorithms.AlgorithmConfig)}
+  execution_fields = {f.name for f in dataclasses.fields(execution.ExecutionConfig)}
+  assert not result_fields & execution_fields
+
+
+def test_fields_at_their_default_are_left_out_of_cell_params():
+  cfg = fedrecon_ml1m.fr_config(fedrecon_ml1m.fr_settings(False)[1], 'fedrecon', 0, 20)
+  a = shared.federated_params({}, cfg)
+  explicit = dataclasses.replace(cfg, algorithm=dataclasses.replace(
+      cfg.algorithm, reconstruction='gradient'))
+  closed = dataclasses.replace(cfg, algorithm=dataclasses.replace(
+      cfg.algorithm, reconstruction='closed_form'))
+  assert shared.federated_params({}, explicit) == a
+  assert 'reconstruction' not in a['config']['algorithm']
+  assert shared.federated_params({}, closed)['config']['algorithm']['reconstruction'] == 'closed_form'
+
+
+def _defaults(cls) -> dict:
+  out = {}
+  for field in dataclasses.fields(cls):
+    if field.default is not dataclasses.MISSING:
+      out[field.name] = harness._canonical(field.default)  # pylint: disable=protected-access
+    elif field.default_factory is not dataclasses.MISSING:
+      out[field.name] = harness._canonical(field.default_factory())  # pylint: disable=protected-access
+  return out
+
+
+def test_config_defaults_are_pinned():
+  """Cell params leave out fields at their default (harness.config_params), so a changed
+  default would silently reuse cells computed with the old one. If this fails on purpose:
+  re-key or recompute the affected committed cells (tools/migrate_cell_keys.py checks
+  settings) and update tests/reproduce/testdata/config_defaults.json."""
+  with open(os.path.join(os.path.dirname(__file__), 'testdata', 'config_defaults.json')) as f:
+    pinned = json.load(f)
+  current = {name: _defaults(cls) for name, cls in (
+      ('FederatedConfig', experiment.FederatedConfig), ('CentralConfig', central.CentralConfig),
+      ('DpRow', privacy_ml1m._DpRow))}  # pylint: disable=protected-access
+  assert current == pinned
 
 
 @pytest.mark.parametrize('manifest', sorted(glob.glob(os.path.join(_REPO, 'results', '*', 'manifest.json'))))
@@ -149,6 +192,8 @@ def test_capped_rounds_and_run_dir_guard(tmp_path):
   os.makedirs(checkpoint / 'variables')
   (checkpoint / 'saved_model.pb').write_bytes(b'x')
   (checkpoint / 'variables' / 'variables.index').write_bytes(b'x')
+  assert common.federated_run_dir(ctx, 5) == ctx.run_dir  # no manifest: not a checkpoint yet
+  checkpoints.write_manifest(str(checkpoint))
   assert common.federated_run_dir(ctx, 20) == ctx.run_dir  # resumes from round 10
   assert common.federated_run_dir(ctx, 5) == ctx.run_dir + '-r5'  # never reuses a longer run
 

@@ -28,7 +28,7 @@ _CHILD = textwrap.dedent('''
       return tf.constant(1) + 1
 
     assert add_one() == 2
-    print(f'WORKER {worker.process.pid}', flush=True)
+    print(f'WORKER {worker.worker_pid}', flush=True)
     mode = sys.argv[1]
     if mode == 'exception':
       raise RuntimeError('boom')

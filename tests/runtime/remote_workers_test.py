@@ -161,3 +161,35 @@ def test_start_worker_refuses_a_busy_port():
     s.listen()
     with pytest.raises(runtime.WorkerError, match='already in use'):
       runtime.serve_worker(s.getsockname()[1])
+
+
+def test_a_frozen_worker_is_reported_after_worker_timeout_sec(tmp_path):
+  """A stopped (SIGSTOP) worker keeps its TCP connection: only the liveness probe notices it."""
+  ports = [portpicker.pick_unused_port() for _ in range(2)]
+  workers = [_Worker(p) for p in ports]
+  try:
+    run = _train(tmp_path, 'frozen', f'--workers={",".join(w.address for w in workers)}',
+                 '--worker_timeout_sec=3', '--total_rounds=500')
+    checkpoint = os.path.join(tmp_path, 'frozen', 'checkpoints', 'program_state_1')
+    deadline = time.monotonic() + _TIMEOUT
+    while not os.path.isdir(checkpoint):
+      assert run.poll() is None, run.communicate()[1]
+      assert time.monotonic() < deadline, 'no checkpoint from the run'
+      time.sleep(0.05)
+    for pid in [workers[1].proc.pid, *workers[1].children]:
+      os.kill(pid, signal.SIGSTOP)
+    frozen_at = time.monotonic()
+    _, err = run.communicate(timeout=_TIMEOUT)  # Without the probe this would never return.
+    waited = time.monotonic() - frozen_at
+    assert run.returncode == 1, err[-3000:]
+    assert (f'TFF worker at {workers[1].address} stopped answering (no response to a liveness '
+            'probe within 3s)') in err, err[-3000:]
+    assert 'trusted network' in err  # --workers warns at start
+    # 3 s of silence, a probe at most every second, then the process exits;
+    # far from the minutes a call to a frozen worker would otherwise wait.
+    assert waited < 45, waited
+  finally:
+    for pid in [workers[1].proc.pid, *workers[1].children]:
+      os.kill(pid, signal.SIGCONT)
+    for w in workers:
+      w.stop()

@@ -38,9 +38,9 @@ def _spec(split, name='mf', **hparams):
       task=registry.default_task(name, **hparams), seed=0, name=name)
 
 
-def _train(split, config, rounds=3, clients=25):
+def _train(split, config, rounds=3, clients=25, **implementation):
   spec = _spec(split)
-  process = algorithms.build_process(config, spec, model_fns.UserEmbedding.LOCAL)
+  process = algorithms.build_process(config, spec, model_fns.UserEmbedding.LOCAL, **implementation)
   data = federated.client_data(split.train, federated.ClientDatasetConfig(batch_size=4))
   composed = tff.simulation.compose_dataset_computation_with_learning_process(
       data.dataset_computation, process)
@@ -55,12 +55,11 @@ def _train(split, config, rounds=3, clients=25):
   return [np.asarray(w) for w in weights.trainable], metrics
 
 
-def _config(implementation, **kwargs):
+def _config(**kwargs):
   kwargs.setdefault('reconstruction_optimizer', optimizers.OptimizerConfig('sgd', 0.3))
   return algorithms.AlgorithmConfig(
       name='fedrecon', client_optimizer=optimizers.OptimizerConfig('sgd', 0.2),
-      server_optimizer=optimizers.OptimizerConfig('adam', 0.05),
-      fedrecon_implementation=implementation, **kwargs)
+      server_optimizer=optimizers.OptimizerConfig('adam', 0.05), **kwargs)
 
 
 EQUIVALENCE_CASES = {
@@ -69,16 +68,18 @@ EQUIVALENCE_CASES = {
     'steps_max': dict(recon_epochs=3, recon_steps_max=4, post_recon_steps_max=2),
     'uniform_momentum': dict(weighting='uniform', recon_epochs=2,
                              reconstruction_optimizer=optimizers.OptimizerConfig('momentum', 0.1)),
-    'reduce_loop': dict(recon_epochs=2, loop_implementation='reduce'),
+    'reduce_loop': dict(recon_epochs=2),
 }
+LOOPS = {'reduce_loop': 'reduce'}
 
 
 @pytest.mark.parametrize('case', sorted(EQUIVALENCE_CASES))
 def test_same_model_and_metrics_as_tff_build_fed_recon(split, tff_context, case):
   del tff_context
   kwargs = EQUIVALENCE_CASES[case]
-  ref_weights, ref_metrics = _train(split, _config('tff', **kwargs))
-  weights, metrics = _train(split, _config('fast', **kwargs))
+  ref_weights, ref_metrics = _train(split, _config(**kwargs), fedrecon_implementation='tff')
+  weights, metrics = _train(split, _config(**kwargs), fedrecon_implementation='fast',
+                            loop_implementation=LOOPS.get(case, 'iterator'))
   for a, b in zip(ref_weights, weights):
     np.testing.assert_allclose(a, b, atol=2e-5)
   for a, b in zip(ref_metrics, metrics):
@@ -95,14 +96,14 @@ def test_same_evaluation_as_tff_build_fed_recon_eval(tff_context, heldout):
   split = (splits.split_by_user(r, fractions=(0.7, 0.0, 0.3), seed=0) if heldout
            else splits.split_random(r, fractions=(0.8, 0.0, 0.2), seed=0))
   spec = _spec(split)
-  weights, _ = _train(split, _config('fast', recon_epochs=2), rounds=1)
+  weights, _ = _train(split, _config(recon_epochs=2), rounds=1)
   results = {}
   for implementation in ('tff', 'fast'):
     ev = evaluation.FederatedEvaluator(
         spec, model_fns.UserEmbedding.LOCAL, None if heldout else split.train, split.test,
-        batch_size=3, heldout_users=heldout,
+        batch_size=3, heldout_users=heldout, implementation=implementation,
         recon=evaluation.ReconEvalConfig(optimizers.OptimizerConfig('sgd', 0.2), recon_epochs=3,
-                                         recon_steps_max=7, implementation=implementation))
+                                         recon_steps_max=7))
     model_weights = tff.learning.models.ModelWeights(trainable=weights, non_trainable=[])
     results[implementation] = ev(model_weights)
   assert results['tff'].keys() == results['fast'].keys()
@@ -246,19 +247,21 @@ def test_closed_form_refuses_models_where_it_does_not_apply(name, hparams, reaso
 
 def test_closed_form_training_learns(split, tff_context):
   del tff_context
-  _, metrics = _train(split, _config('fast', reconstruction='closed_form'), rounds=4)
+  _, metrics = _train(split, _config(reconstruction='closed_form'), rounds=4)
   assert metrics[-1]['loss'] < 0.8 * metrics[0]['loss']
 
 
-def test_config_refusals():
+def test_config_refusals(split):
   with pytest.raises(ValueError, match='gradient reconstruction only'):
-    _config('tff', reconstruction='closed_form')
+    algorithms.build_process(_config(reconstruction='closed_form'), _spec(split),
+                             model_fns.UserEmbedding.LOCAL, fedrecon_implementation='tff')
   with pytest.raises(ValueError, match='for fedrecon'):
     algorithms.AlgorithmConfig(name='fedavg', reconstruction='closed_form')
   with pytest.raises(ValueError, match='unknown reconstruction'):
-    _config('fast', reconstruction='exact')
+    _config(reconstruction='exact')
   with pytest.raises(ValueError, match='fedrecon_implementation'):
-    _config('slow')
+    algorithms.build_process(_config(), _spec(split), model_fns.UserEmbedding.LOCAL,
+                             fedrecon_implementation='slow')
 
 
 def test_data_split_indices_follow_tff_split_rules():

@@ -9,6 +9,7 @@ import pytest
 from tff_rec import runtime
 from tff_rec.training import algorithms
 from tff_rec.training import data_setup
+from tff_rec.training import execution
 from tff_rec.training import experiment
 from tff_rec.training import optimizers
 from tff_rec.training import sampling
@@ -20,8 +21,12 @@ def _config(root, **kwargs):
       model=experiment.ModelConfig('mf', {'embedding_dim': 4}),
       algorithm=algorithms.AlgorithmConfig(
           'fedavg', client_optimizer=optimizers.OptimizerConfig('sgd', 0.1)),
-      clients_per_round=8, total_rounds=6, eval_every=100, eval_clients=8,
-      root_output_dir=str(root), experiment_name='run', progress_bar=False, **kwargs)
+      clients_per_round=8, total_rounds=6, eval_every=100, eval_clients=8)
+
+
+def _execution(root, **kwargs):
+  return execution.ExecutionConfig(root_output_dir=str(root), experiment_name='run',
+                                   progress_bar=False, **kwargs)
 
 
 def test_killed_worker_is_replaced_and_the_run_finishes(tmp_path, monkeypatch):
@@ -37,7 +42,7 @@ def test_killed_worker_is_replaced_and_the_run_finishes(tmp_path, monkeypatch):
     return original(self, round_num)
 
   monkeypatch.setattr(sampling.ClientSampler, '__call__', kill_worker_once)
-  result = experiment.run_federated(_config(tmp_path))
+  result = experiment.run_federated(_config(tmp_path), _execution(tmp_path))
 
   assert killed
   (worker,) = runtime._live_workers  # pylint: disable=protected-access
@@ -55,14 +60,14 @@ def _raise_worker_error():
 
 def test_restarts_are_bounded_and_local_only(tmp_path, monkeypatch):
   installs = []
-  monkeypatch.setattr(experiment, 'install_runtime', installs.append)
+  monkeypatch.setattr(execution, 'install_runtime', installs.append)
   with pytest.raises(runtime.WorkerError, match='died'):
-    experiment.train_with_worker_restarts(_config(tmp_path, worker_restarts=2), _raise_worker_error)
+    execution.train_with_worker_restarts(_execution(tmp_path, worker_restarts=2), _raise_worker_error)
   assert len(installs) == 2
   installs.clear()
   with pytest.raises(runtime.WorkerError):
-    experiment.train_with_worker_restarts(
-        _config(tmp_path, worker_addresses=('hostA:8000',)), _raise_worker_error)
+    execution.train_with_worker_restarts(
+        _execution(tmp_path, worker_addresses=('hostA:8000',)), _raise_worker_error)
   assert not installs  # a remote worker is not ours to restart
   calls = []
 
@@ -72,7 +77,7 @@ def test_restarts_are_bounded_and_local_only(tmp_path, monkeypatch):
       _raise_worker_error()
     return 'state'
 
-  assert experiment.train_with_worker_restarts(_config(tmp_path), fail_once) == 'state'
+  assert execution.train_with_worker_restarts(_execution(tmp_path), fail_once) == 'state'
   assert len(installs) == 1
   with pytest.raises(ValueError, match='worker_restarts'):
-    _config(tmp_path, worker_restarts=-1)
+    _execution(tmp_path, worker_restarts=-1)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Iterable, Optional, Sequence, Union
 
@@ -192,7 +191,7 @@ class Ratings:
     self.item_index.save(os.path.join(directory, 'item_ids.txt'))
     meta = {'rating_scale': list(self.rating_scale), 'name': self.name,
             'num_users': self.num_users, 'num_items': self.num_items}
-    atomic.write(os.path.join(directory, 'dataset.json'), json.dumps(meta, indent=2))
+    atomic.write_json(os.path.join(directory, 'dataset.json'), meta)
 
 
 def load_id_maps(directory: str) -> tuple[IdIndex, IdIndex]:

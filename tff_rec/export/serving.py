@@ -55,7 +55,9 @@ leaves no version directory behind.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import os
 import shutil
 import subprocess
@@ -63,6 +65,7 @@ import sys
 import tempfile
 from typing import Callable, Mapping, Optional, Sequence
 
+from absl import logging
 from google.protobuf import text_format
 import numpy as np
 import tensorflow as tf
@@ -150,6 +153,16 @@ def check_supported(model_config: Mapping) -> str:
         f'cannot export model {name!r} with user_embedding={variant!r}: the on-device '
         f'reconstruction signature is closed-form ridge for MF only. Supported: {supported}')
   return variant
+
+
+def check_finite(keras_model: tf.keras.Model) -> None:
+  """ExportError naming the first weight with a NaN or an infinity (nothing is exported)."""
+  for weight in keras_model.weights:
+    value = np.asarray(weight.numpy())
+    if not np.all(np.isfinite(value)):
+      bad = int(np.size(value) - np.count_nonzero(np.isfinite(value)))
+      raise ExportError(f'refusing to export a model with non-finite weights: {weight.name} has '
+                        f'{bad} NaN/infinite values of {value.size}')
 
 
 def check_version(export_base: str, model_name: str, version: int, overwrite: bool = False) -> str:
@@ -340,7 +353,7 @@ class _ReconServing(tf.Module):
     num_items = len(item_ids)
     has_bias = bias_layer is not None
     l2 = options.recon_l2 or float(model_config['hparams'].get('l2') or 0.0) or DEFAULT_RECON_L2
-    low, high = (model_config.get('rating_scale') or (1.0, 5.0))[:2]
+    low, high = (float(x) for x in (model_config.get('rating_scale') or (1.0, 5.0))[:2])
 
     def weights():
       q = _full_table(item_layer)
@@ -350,10 +363,18 @@ class _ReconServing(tf.Module):
 
     def reconstruct(history_item_id, history_rating):
       """(p_u, b_u, history indices, known history mask)."""
-      check = tf.debugging.assert_equal(
-          tf.shape(history_item_id), tf.shape(history_rating),
-          message='history_item_id and history_rating must have the same length')
-      with tf.control_dependencies([check]):
+      scale = f'history_rating must be numbers within the rating scale [{low:g}, {high:g}]'
+      checks = [
+          tf.debugging.assert_equal(
+              tf.shape(history_item_id), tf.shape(history_rating),
+              message='history_item_id and history_rating must have the same length'),
+          # NaN fails both comparisons, so it is refused too.
+          tf.debugging.assert_greater_equal(history_rating, tf.constant(low, tf.float32),
+                                            message=scale),
+          tf.debugging.assert_less_equal(history_rating, tf.constant(high, tf.float32),
+                                         message=scale),
+      ]
+      with tf.control_dependencies(checks):
         idx, known = _lookup(self.items, history_item_id, options.unknown_item, 0,
                              'history item_id')
       q, b, mu = weights()
@@ -519,6 +540,7 @@ def export(
     overwrite: replace an existing version directory.
   """
   variant = check_supported(model_config)
+  check_finite(keras_model)
   final = check_version(export_base, model_name, version, overwrite)
   _check_catalog(model_config, user_index, item_index, seen)
   if options.exclude_seen and variant != 'local' and seen is None:
@@ -544,6 +566,60 @@ def _save(module, model_config, user_ids, item_ids, export_base, model_name, ver
   model_dir = os.path.join(export_base, model_name)
   created = [d for d in (export_base, model_dir) if not os.path.isdir(d)]
   os.makedirs(model_dir, exist_ok=True)
+  with _export_lock(model_dir):
+    clean_leftovers(model_dir)
+    return _save_locked(module, signatures, model_config, user_ids, item_ids, export_base,
+                        model_name, version, final, options, overwrite, model_dir, created)
+
+
+@contextlib.contextmanager
+def _export_lock(model_dir: str):
+  """One export at a time per model directory (the kernel drops it if the exporter dies).
+
+  The lock is taken on the directory itself (flock works on a directory's
+  descriptor), so nothing but versions is ever listed in it.
+  """
+  fd = os.open(model_dir, os.O_RDONLY | os.O_DIRECTORY)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      raise ExportError(f'another export into {model_dir} is running; wait for it') from None
+    yield
+  finally:
+    os.close(fd)
+
+
+def clean_leftovers(model_dir: str) -> list[str]:
+  """Removes what a killed export left in `model_dir`; the paths removed.
+
+  A `.tmp-<version>-*` directory is an export that never finished (never a
+  version: TF Serving only loads numeric directories). An `.old-<version>-*`
+  directory holds a version being replaced: if the new one never arrived it
+  is put back, otherwise removed. Call with the export lock held.
+  """
+  removed = []
+  for name in sorted(os.listdir(model_dir)):
+    path = os.path.join(model_dir, name)
+    if name.startswith('.tmp-') and os.path.isdir(path):
+      shutil.rmtree(path, ignore_errors=True)
+      removed.append(path)
+    elif name.startswith('.old-') and os.path.isdir(path):
+      version = name.split('-')[1]
+      old, final = os.path.join(path, 'old'), os.path.join(model_dir, version)
+      if os.path.isdir(old) and not os.path.exists(final) and version.isdigit():
+        os.rename(old, final)
+        logging.warning('Restored version %s of %s, which a killed export was replacing',
+                        version, model_dir)
+      shutil.rmtree(path, ignore_errors=True)
+      removed.append(path)
+  for path in removed:
+    logging.warning('Removed %s, left by an export that did not finish', path)
+  return removed
+
+
+def _save_locked(module, signatures, model_config, user_ids, item_ids, export_base, model_name,
+                 version, final, options, overwrite, model_dir, created) -> ExportResult:
   tmp = tempfile.mkdtemp(prefix=f'.tmp-{version}-', dir=model_dir)
   trash = None
   warmup_file = None

@@ -155,3 +155,87 @@ def sparse_leaf_mask(trainable_variable_names: Sequence[str], table_names: Seque
   """Which trainable variables (by name) belong to the named embedding layers."""
   tables = tuple(table_names)
   return [any(n.split('/')[0] == t for t in tables) for n in trainable_variable_names]
+
+
+# Measurement keys added by `count_zeroed_updates`.
+ZEROED_KEY = 'client_updates_zeroed'
+CLIENTS_KEY = 'client_updates'
+
+
+class _ZeroedUpdateCount:
+  """Adds to an aggregator's measurements how many client updates were all zero.
+
+  TFF's client work replaces a non-finite update by zeros (and, weighted, a
+  zero weight), silently. Counting all-zero updates server-side (a plain sum
+  of 0/1 per client, like TFF's training metrics: not covered by DP) lets the
+  training loop stop a run in which too many clients diverged
+  (`loop.LoopConfig.max_zeroed_share`). State and result are the inner
+  aggregator's, unchanged.
+  """
+
+  def __init__(self, inner):
+    self._inner = inner
+
+  def _create(self, value_type, weight_type=None) -> tff.templates.AggregationProcess:
+    weighted = weight_type is not None
+    inner = (self._inner.create(value_type, weight_type) if weighted
+             else self._inner.create(value_type))
+
+    @tff.tensorflow.computation(value_type)
+    def all_zero(value):
+      flat = tf.nest.flatten(value)
+      zero = tf.reduce_all([tf.reduce_all(tf.equal(t, 0)) for t in flat]) if flat else True
+      return tf.cast(zero, tf.int32)
+
+    @tff.tensorflow.computation
+    def one():
+      return tf.constant(1, tf.int32)
+
+    state_type = inner.initialize.type_signature.result
+    measurements_type = inner.next.type_signature.result.measurements.member
+
+    def next_body(state, value, weight):
+      out = inner.next(state, value, weight) if weighted else inner.next(state, value)
+      counts = collections.OrderedDict([
+          (ZEROED_KEY, tff.federated_sum(tff.federated_map(all_zero, value))),
+          (CLIENTS_KEY, tff.federated_sum(tff.federated_eval(one, tff.CLIENTS))),
+      ])
+      names = [n for n, _ in tff.structure.iter_elements(measurements_type)
+               ] if isinstance(measurements_type, tff.StructType) else []
+      if names and all(names):
+        merged = collections.OrderedDict((n, out.measurements[n]) for n in names)
+        merged.update(counts)
+      else:
+        merged = collections.OrderedDict(inner=out.measurements, **counts)
+      return tff.templates.MeasuredProcessOutput(out.state, out.result, tff.federated_zip(merged))
+
+    if weighted:
+      next_fn = tff.federated_computation(
+          next_body, state_type, tff.FederatedType(value_type, tff.CLIENTS),
+          tff.FederatedType(weight_type, tff.CLIENTS))
+    else:
+      next_fn = tff.federated_computation(
+          lambda state, value: next_body(state, value, None), state_type,
+          tff.FederatedType(value_type, tff.CLIENTS))
+    return tff.templates.AggregationProcess(inner.initialize, next_fn)
+
+
+class _WeightedZeroedCount(_ZeroedUpdateCount, tff.aggregators.WeightedAggregationFactory):
+
+  def create(self, value_type, weight_type) -> tff.templates.AggregationProcess:
+    return self._create(value_type, weight_type)
+
+
+class _UnweightedZeroedCount(_ZeroedUpdateCount, tff.aggregators.UnweightedAggregationFactory):
+
+  def create(self, value_type) -> tff.templates.AggregationProcess:
+    return self._create(value_type)
+
+
+def count_zeroed_updates(inner):
+  """`inner` (a weighted or unweighted factory) plus counts of all-zero client updates."""
+  if isinstance(inner, tff.aggregators.WeightedAggregationFactory):
+    return _WeightedZeroedCount(inner)
+  if isinstance(inner, tff.aggregators.UnweightedAggregationFactory):
+    return _UnweightedZeroedCount(inner)
+  raise TypeError(f'not a TFF aggregation factory: {inner!r}')

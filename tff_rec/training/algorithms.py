@@ -54,36 +54,23 @@ class AlgorithmConfig:
   # TFF's plain mean, as in the FedRecon paper. Ignored when an explicit
   # aggregator (DP, compression) is given.
   row_sparse_mean: bool = True
-  # Client training loop (keys of LOOP_IMPLEMENTATIONS); TFF's FedRecon
-  # builder always uses 'reduce'.
-  loop_implementation: str = 'iterator'
   # FedRecon: how the local part is rebuilt ('gradient': recon_epochs of the
   # reconstruction optimizer; 'closed_form': the exact ridge solution, for
-  # models affine in their user-side variables) and whose builder runs it.
+  # models affine in their user-side variables).
   reconstruction: str = 'gradient'
-  fedrecon_implementation: str = 'fast'
 
   def __post_init__(self):
     if self.name not in ALGORITHMS:
       raise ValueError(f'unknown algorithm {self.name!r}; valid: {", ".join(ALGORITHMS)}')
     if self.weighting not in WEIGHTINGS:
       raise ValueError(f'unknown weighting {self.weighting!r}; valid: {", ".join(WEIGHTINGS)}')
-    if self.loop_implementation not in LOOP_IMPLEMENTATIONS:
-      raise ValueError(f'unknown loop_implementation {self.loop_implementation!r}; '
-                       f'valid: {", ".join(LOOP_IMPLEMENTATIONS)}')
     if self.name == 'fedprox' and not self.proximal_strength > 0:
       raise ValueError('fedprox needs a positive proximal_strength')
     if self.reconstruction not in RECONSTRUCTIONS:
       raise ValueError(f'unknown reconstruction {self.reconstruction!r}; '
                        f'valid: {", ".join(RECONSTRUCTIONS)}')
-    if self.fedrecon_implementation not in FEDRECON_IMPLEMENTATIONS:
-      raise ValueError(f'unknown fedrecon_implementation {self.fedrecon_implementation!r}; '
-                       f'valid: {", ".join(FEDRECON_IMPLEMENTATIONS)}')
     if self.reconstruction == 'closed_form' and self.name != 'fedrecon':
       raise ValueError(f'reconstruction=closed_form is for fedrecon, not {self.name}')
-    if self.reconstruction == 'closed_form' and self.fedrecon_implementation == 'tff':
-      raise ValueError("TFF's build_fed_recon has gradient reconstruction only; closed_form needs "
-                       "fedrecon_implementation='fast'")
 
   @property
   def uniform(self) -> bool:
@@ -102,22 +89,57 @@ def build_process(
     spec: model_fns.ModelSpec,
     user_embedding: model_fns.UserEmbedding,
     model_aggregator=None,
+    *,
+    loop_implementation: str = 'iterator',
+    fedrecon_implementation: str = 'fast',
 ) -> tff.learning.templates.LearningProcess:
   """The `LearningProcess` for `config` on the model `spec`.
 
-  `model_aggregator` (e.g. a DP or compression factory) replaces the default
-  mean; it must be unweighted when `config.weighting == 'uniform'`.
+  Args:
+    config: The algorithm, its optimizers and settings.
+    spec: The model.
+    user_embedding: How user-side parameters are held (`default_user_embedding`).
+    model_aggregator: A TFF factory (e.g. DP or compression) replacing the
+      default mean (the row-sparse mean for embedding tables, or TFF's mean);
+      it must be unweighted when `config.weighting == 'uniform'`. Either way
+      it is wrapped to count all-zero (non-finite, zeroed) client updates in
+      its measurements (`aggregators.count_zeroed_updates`).
+    loop_implementation: The client loop (`LOOP_IMPLEMENTATIONS`).
+    fedrecon_implementation: FedRecon's builder (`FEDRECON_IMPLEMENTATIONS`):
+      'fast' (`fed_recon`) or TFF's 'tff' (the reference).
+
+  Returns:
+    A `tff.learning.templates.LearningProcess`.
+
+  Raises:
+    ValueError: for a user-embedding variant the algorithm cannot train,
+      closed-form reconstruction on a model it does not apply to, or with
+      TFF's builder.
   """
+  if loop_implementation not in LOOP_IMPLEMENTATIONS:
+    raise ValueError(f'unknown loop_implementation {loop_implementation!r}; '
+                     f'valid: {", ".join(LOOP_IMPLEMENTATIONS)}')
+  if fedrecon_implementation not in FEDRECON_IMPLEMENTATIONS:
+    raise ValueError(f'unknown fedrecon_implementation {fedrecon_implementation!r}; '
+                     f'valid: {", ".join(FEDRECON_IMPLEMENTATIONS)}')
   client_opt = optimizers.build_optimizer(config.client_optimizer)
   server_opt = optimizers.build_optimizer(config.server_optimizer)
   if model_aggregator is None and config.row_sparse_mean:
     mask = model_fns.embedding_table_mask(spec, user_embedding)
     if any(mask):
       model_aggregator = aggregators.row_sparse_mean(mask, weighted=not config.uniform)
+  if model_aggregator is None:
+    # TFF's own defaults, made explicit so that they can be wrapped.
+    model_aggregator = (tff.aggregators.UnweightedMeanFactory()
+                        if config.uniform and config.name != 'fedrecon'
+                        else tff.aggregators.MeanFactory())
+  # Counts the client updates TFF zeroed for being non-finite (see loop).
+  model_aggregator = aggregators.count_zeroed_updates(model_aggregator)
   if config.name == 'fedrecon':
     if user_embedding != model_fns.UserEmbedding.LOCAL:
       raise ValueError('fedrecon needs local user embeddings')
-    return _build_fed_recon(config, spec, client_opt, server_opt, model_aggregator)
+    return _build_fed_recon(config, spec, client_opt, server_opt, model_aggregator,
+                            loop_implementation, fedrecon_implementation)
 
   if user_embedding == model_fns.UserEmbedding.LOCAL:
     raise ValueError(f'{config.name} cannot keep user embeddings local; use fedrecon')
@@ -126,7 +148,7 @@ def build_process(
       client_optimizer_fn=client_opt,
       server_optimizer_fn=server_opt,
       model_aggregator=model_aggregator,
-      loop_implementation=LOOP_IMPLEMENTATIONS[config.loop_implementation],
+      loop_implementation=LOOP_IMPLEMENTATIONS[loop_implementation],
   )
   if config.name == 'fedavg':
     if config.uniform:
@@ -141,8 +163,12 @@ def build_process(
 
 
 def _build_fed_recon(config: AlgorithmConfig, spec: model_fns.ModelSpec, client_opt, server_opt,
-                     model_aggregator) -> tff.learning.templates.LearningProcess:
-  """FedRecon by `config.fedrecon_implementation` (closed form refused where it does not apply)."""
+                     model_aggregator, loop_implementation: str,
+                     implementation: str) -> tff.learning.templates.LearningProcess:
+  """FedRecon by `implementation` (closed form refused where it does not apply)."""
+  if config.reconstruction == 'closed_form' and implementation == 'tff':
+    raise ValueError("TFF's build_fed_recon has gradient reconstruction only; closed_form needs "
+                     "fedrecon_implementation='fast'")
   ridge = model_fns.closed_form_ridge(spec) if config.reconstruction == 'closed_form' else None
   split = fed_recon.DataSplit(
       recon_epochs=config.recon_epochs, recon_steps_max=config.recon_steps_max,
@@ -151,7 +177,7 @@ def _build_fed_recon(config: AlgorithmConfig, spec: model_fns.ModelSpec, client_
   weighting = (tff.learning.ClientWeighting.UNIFORM if config.uniform
                else tff.learning.ClientWeighting.NUM_EXAMPLES)
   recon_opt = optimizers.build_optimizer(config.reconstruction_optimizer)
-  if config.fedrecon_implementation == 'tff':
+  if implementation == 'tff':
     return tff.learning.algorithms.build_fed_recon(
         model_fns.recon_model_fn(spec),
         loss_fn=model_fns.loss_fn(spec.task),
@@ -173,6 +199,6 @@ def _build_fed_recon(config: AlgorithmConfig, spec: model_fns.ModelSpec, client_
       split=split,
       client_weighting=weighting,
       model_aggregator=model_aggregator,
-      loop_implementation=LOOP_IMPLEMENTATIONS[config.loop_implementation],
+      loop_implementation=LOOP_IMPLEMENTATIONS[loop_implementation],
       ridge=ridge,
   )

@@ -18,15 +18,8 @@ MODEL_CONFIG_FILE = 'model_config.json'
 
 
 def write_json(path: str, value: Any) -> None:
-  """Writes `value` as JSON to `path` atomically."""
-  atomic.write(path, json.dumps(value, indent=2, sort_keys=False, default=_jsonable) + '\n')
-
-
-def _jsonable(v):
-  try:
-    return v.item()
-  except AttributeError:
-    return str(v)
+  """Writes `value` as strict JSON to `path` atomically (ValueError on NaN or infinity)."""
+  atomic.write_json(path, value)
 
 
 def read_json(path: str) -> Any:

@@ -38,25 +38,19 @@ class ReconEvalConfig:
   recon_epochs: int = 1
   recon_steps_max: Optional[int] = None
   post_recon_steps_max: Optional[int] = None
-  # As in `algorithms.AlgorithmConfig`: gradient steps or the closed form, by
-  # our fast client loop ('fast') or TFF's `build_fed_recon_eval` ('tff').
+  # As in `algorithms.AlgorithmConfig`: gradient steps or the closed form.
   reconstruction: str = 'gradient'
-  implementation: str = 'fast'
 
   def __post_init__(self):
     fed_recon.check_reconstruction(self.reconstruction)
-    if self.implementation not in ('fast', 'tff'):
-      raise ValueError(f"unknown implementation {self.implementation!r}; valid: fast, tff")
-    if self.reconstruction == 'closed_form' and self.implementation == 'tff':
-      raise ValueError("TFF's build_fed_recon_eval has gradient reconstruction only")
 
 
 def _recon_eval_process(spec: model_fns.ModelSpec, input_spec, recon: ReconEvalConfig,
-                        split: fed_recon.DataSplit):
-  """FedRecon evaluation by `recon.implementation`."""
+                        split: fed_recon.DataSplit, implementation: str):
+  """FedRecon evaluation by `implementation`."""
   model_fn = model_fns.recon_model_fn(spec, input_spec=input_spec)
   optimizer = optimizers.build_optimizer(recon.optimizer)
-  if recon.implementation == 'tff':
+  if implementation == 'tff':
     return tff.learning.algorithms.build_fed_recon_eval(
         model_fn,
         loss_fn=model_fns.loss_fn(spec.task),
@@ -88,7 +82,32 @@ class FederatedEvaluator:
       max_support_per_user: Optional[int] = None,
       recon: ReconEvalConfig = ReconEvalConfig(),
       heldout_users: bool = False,
+      implementation: str = 'fast',
   ):
+    """Builds the evaluation computation.
+
+    Args:
+      spec: The model.
+      user_embedding: How user-side parameters are held.
+      support: Ratings a user's model may adapt to (None for held-out users,
+        whose own ratings are split instead).
+      query: The ratings scored.
+      batch_size: Evaluation batch size.
+      max_support_per_user: Keep each user's latest N support ratings.
+      recon: FedRecon's reconstruction at evaluation.
+      heldout_users: The users were not in training (every other batch of
+        their data reconstructs, as in Singhal et al. 2021).
+      implementation: FedRecon evaluation by 'fast' (`fed_recon`) or TFF's
+        'tff' builder.
+
+    Raises:
+      ValueError: closed-form reconstruction with TFF's builder, or on a model
+        where it does not apply.
+    """
+    if implementation not in ('fast', 'tff'):
+      raise ValueError(f'unknown implementation {implementation!r}; valid: fast, tff')
+    if recon.reconstruction == 'closed_form' and implementation == 'tff':
+      raise ValueError("TFF's build_fed_recon_eval has gradient reconstruction only")
     self.user_embedding = user_embedding
     self.heldout_users = heldout_users
     reconstructs = user_embedding == model_fns.UserEmbedding.LOCAL
@@ -116,7 +135,7 @@ class FederatedEvaluator:
           split_dataset=heldout_users,
           by_query_marker=not heldout_users,
       ).for_reconstruction(recon.reconstruction)
-      process = _recon_eval_process(spec, spec_in, recon, split)
+      process = _recon_eval_process(spec, spec_in, recon, split, implementation)
     else:
       process = tff.learning.algorithms.build_fed_eval(
           model_fns.tff_model_fn(spec, user_embedding, input_spec=spec_in)

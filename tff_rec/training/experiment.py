@@ -23,9 +23,11 @@ from tff_rec.training import algorithms
 from tff_rec.training import artifacts
 from tff_rec.training import data_setup
 from tff_rec.training import evaluation
+from tff_rec.training import execution as execution_lib
 from tff_rec.training import loop
 from tff_rec.training import model_fns
 from tff_rec.training import optimizers
+from tff_rec.training import run_dir as run_dir_lib
 from tff_rec.training import sampling
 
 
@@ -43,7 +45,10 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class FederatedConfig:
-  """Everything a federated run needs (the flags of run_federated)."""
+  """What defines a federated run's result (the result flags of run_federated).
+
+  How and where it runs is `execution.ExecutionConfig`.
+  """
 
   data: data_setup.DataConfig = data_setup.DataConfig()
   model: ModelConfig = ModelConfig()
@@ -61,44 +66,18 @@ class FederatedConfig:
   eval_clients: Optional[int] = None  # users per periodic evaluation (None: all)
   recon_eval: evaluation.ReconEvalConfig = evaluation.ReconEvalConfig()
   finetune_eval: bool = False
-  checkpoint_every: int = 1
-  root_output_dir: str = 'runs'
-  experiment_name: str = 'federated'
   seed: int = 0
-  progress_bar: bool = True
-  worker_addresses: tuple[str, ...] = ()
-  max_concurrent_computation_calls: int = -1
-  # Times a crashed local worker is replaced (training then resumes from
-  # the last checkpoint) before the run fails; remote workers never are.
-  worker_restarts: int = 2
-  # Execute federated_secure_sum(_bitwidth) (distributed DP); see runtime.
-  secure_intrinsics: bool = False
-  # Rounds with more clients run as merged subrounds of this many (bounds the
-  # worker's memory; small rounds are one plain call).
-  clients_per_subround: Optional[int] = 500
-  # Keep each user's training rows in one file here, read worker-side,
-  # instead of embedding the whole table in the dataset computation.
-  client_data_dir: Optional[str] = None
 
   def __post_init__(self):
-    for name in ('clients_per_round', 'total_rounds', 'client_epochs', 'batch_size', 'eval_every',
-                 'checkpoint_every'):
+    for name in ('clients_per_round', 'total_rounds', 'client_epochs', 'batch_size', 'eval_every'):
       if getattr(self, name) <= 0:
         raise ValueError(f'{name} must be positive, got {getattr(self, name)}')
     if self.max_examples_per_user is not None and self.max_examples_per_user <= 0:
       raise ValueError('max_examples_per_user must be positive')
     if self.eval_clients is not None and self.eval_clients <= 0:
       raise ValueError('eval_clients must be positive')
-    if self.clients_per_subround is not None and self.clients_per_subround <= 0:
-      raise ValueError('clients_per_subround must be positive')
-    if self.worker_restarts < 0:
-      raise ValueError(f'worker_restarts must be >= 0, got {self.worker_restarts}')
     if self.negatives_per_positive < 0:
       raise ValueError('negatives_per_positive must be >= 0')
-
-  @property
-  def run_dir(self) -> str:
-    return os.path.join(self.root_output_dir, self.experiment_name)
 
 
 def model_spec(config: FederatedConfig, split: splits_lib.Split) -> model_fns.ModelSpec:
@@ -117,35 +96,6 @@ def model_spec(config: FederatedConfig, split: splits_lib.Split) -> model_fns.Mo
       seed=config.seed,
       name=config.model.name,
   )
-
-
-def install_runtime(config: FederatedConfig) -> None:
-  """Sets up TFF's execution context: local worker, or remote workers."""
-  if config.worker_addresses:
-    runtime.set_remote_context(list(config.worker_addresses), secure_intrinsics=config.secure_intrinsics,
-                               clients_per_subround=config.clients_per_subround)
-  else:
-    runtime.set_local_context(max_concurrent_computation_calls=config.max_concurrent_computation_calls,
-                              secure_intrinsics=config.secure_intrinsics,
-                              clients_per_subround=config.clients_per_subround)
-
-
-def train_with_worker_restarts(config: FederatedConfig, train: Callable[[], Any]) -> Any:
-  """`train()`; if the local worker dies, a new one and `train()` again (it resumes).
-
-  TFF's C++ worker can crash in long runs (e.g. a segfault in its gRPC
-  server); `train` resumes from the run's latest checkpoint, so a fresh
-  worker loses at most `checkpoint_every` rounds.
-  """
-  for attempt in range(config.worker_restarts + 1):
-    try:
-      return train()
-    except runtime.WorkerError as e:
-      if config.worker_addresses or attempt == config.worker_restarts:
-        raise
-      logging.warning('%s. Starting a new local worker and resuming from the last checkpoint '
-                      '(restart %d of at most %d).', e, attempt + 1, config.worker_restarts)
-      install_runtime(config)
 
 
 def _sample_eval(users: list[str], n: Optional[int], seed: int) -> Callable[[int], list[str]]:
@@ -168,13 +118,35 @@ class RunResult:
 
 def run_federated(
     config: FederatedConfig,
+    execution: execution_lib.ExecutionConfig = execution_lib.ExecutionConfig(),
+    *,
     split: Optional[splits_lib.Split] = None,
     model_aggregator=None,
     extra_metrics_fn: Optional[Callable[[int], Mapping[str, Any]]] = None,
     total_rounds: Optional[int] = None,
     hparams_extra: Optional[Mapping[str, Any]] = None,
 ) -> RunResult:
-  """Trains per `config` (resuming if run_dir has a checkpoint) and evaluates on test."""
+  """Trains per `config` (resuming if the run directory has a checkpoint), evaluates on test.
+
+  Args:
+    config: What defines the result.
+    execution: How and where it runs (`execution.run_dir` is the run directory).
+    split: The data split (default: loaded from `config.data`).
+    model_aggregator: A TFF aggregation factory (DP, compression) replacing
+      the default mean.
+    extra_metrics_fn: `round -> metrics` added to each round's metrics (e.g. ε).
+    total_rounds: Rounds to run instead of `config.total_rounds` (e.g. fewer
+      within a DP budget).
+    hparams_extra: More JSON-ready entries for `hparams.json`.
+
+  Returns:
+    The run directory, test metrics, final state, final model directory and
+    seconds.
+
+  Raises:
+    ValueError: for a configuration that cannot run (e.g. more clients per
+      round than training users).
+  """
   started = time.time()
   split = split or data_setup.load_split(config.data)
   logging.info('%s', split.summary())
@@ -193,20 +165,42 @@ def run_federated(
                      'on a leave-one-out split with sampled negatives (e.g. ncf-ml-1m)')
   if not implicit and config.negatives_per_positive:
     raise ValueError('negatives_per_positive is for implicit models only')
-  install_runtime(config)
-
-  run_dir = config.run_dir
-  os.makedirs(run_dir, exist_ok=True)
+  run_dir = execution.run_dir
   hparams = {
       'config': dataclasses.asdict(config),
+      'execution': dataclasses.asdict(execution),
       'user_embedding': user_embedding.value,
       'split': split.summary(),
       'versions': version.installed_versions(),
       **(hparams_extra or {}),
   }
-  artifacts.write_json(os.path.join(run_dir, 'hparams.json'), hparams)
+  # Before anything is written: a resumed run must have the same result config.
+  run_dir_lib.check_resume(run_dir, hparams, default_config=dataclasses.asdict(FederatedConfig()),
+                           allow_change=execution.allow_config_change)
+  with run_dir_lib.lock(run_dir):
+    return _train_and_evaluate(config, execution, split, spec, user_embedding, hparams,
+                               model_aggregator, extra_metrics_fn, total_rounds, started)
 
-  process = algorithms.build_process(config.algorithm, spec, user_embedding, model_aggregator)
+
+def _train_and_evaluate(config: FederatedConfig, execution: execution_lib.ExecutionConfig,
+                        split: splits_lib.Split, spec: model_fns.ModelSpec,
+                        user_embedding: model_fns.UserEmbedding, hparams: dict,
+                        model_aggregator, extra_metrics_fn, total_rounds: Optional[int],
+                        started: float) -> RunResult:
+  """The body of `run_federated`, with the run directory locked."""
+  run_dir = execution.run_dir
+  # Checked again under the lock: a concurrent run may have written it since.
+  run_dir_lib.check_resume(run_dir, hparams, default_config=dataclasses.asdict(FederatedConfig()),
+                           allow_change=execution.allow_config_change)
+  artifacts.write_json(os.path.join(run_dir, 'hparams.json'), hparams)
+  execution_lib.install_runtime(execution)
+  implicit = spec.task == base.TASK_IMPLICIT
+  train_users = split.train.present_users()
+
+  process = algorithms.build_process(
+      config.algorithm, spec, user_embedding, model_aggregator,
+      loop_implementation=execution.loop_implementation,
+      fedrecon_implementation=execution.fedrecon_implementation)
   train_data = federated.client_data(
       split.train,
       federated.ClientDatasetConfig(
@@ -216,7 +210,7 @@ def run_federated(
           seed=config.seed,
           negatives_per_positive=config.negatives_per_positive,
       ),
-      storage_dir=config.client_data_dir,
+      storage_dir=execution.client_data_dir,
   )
   composed = tff.simulation.compose_dataset_computation_with_learning_process(
       train_data.dataset_computation, process
@@ -234,11 +228,12 @@ def run_federated(
         max_support_per_user=config.max_examples_per_user,
         recon=config.recon_eval,
         heldout_users=split.heldout_users,
+        implementation=execution.fedrecon_implementation,
     )
 
   if implicit:
     # HR@K / NDCG@K of the global model, centrally. FedRecon's local user
-    # rows need per-user reconstruction first (tff_rec.reproduce.local_recon).
+    # rows need per-user reconstruction first (tff_rec.training.local_recon).
     val_eval = None
     periodic = (None if user_embedding == model_fns.UserEmbedding.LOCAL
                 else RankingEvaluator(spec, user_embedding, split))
@@ -261,15 +256,16 @@ def run_federated(
     last_eval.update(round=round_num, all_users=len(ids) == len(periodic.user_ids), metrics=metrics)
     return metrics
 
-  state = train_with_worker_restarts(config, lambda: loop.run(
+  state = execution_lib.train_with_worker_restarts(execution, lambda: loop.run(
       composed,
       sampler,
       run_dir,
       loop.LoopConfig(
           total_rounds=rounds,
           eval_every=config.eval_every,
-          checkpoint_every=config.checkpoint_every,
-          progress_bar=config.progress_bar,
+          checkpoint_every=execution.checkpoint_every,
+          progress_bar=execution.progress_bar,
+          max_zeroed_share=execution.max_zeroed_client_share,
       ),
       evaluation_fn=evaluate if periodic else None,
       evaluation_selection_fn=eval_selection,

@@ -5,8 +5,10 @@ Per run directory:
   metrics.csv                         TFF `CSVFileReleaseManager`
   tensorboard/                        TFF `TensorBoardReleaseManager`
 and a progress bar (round, loss, metric, ETA). Rerunning the same command
-after a crash resumes from the latest complete checkpoint (damaged ones are
-moved to checkpoints/incomplete/); rows of metrics.csv past it are replaced.
+after a crash resumes from the newest intact checkpoint (each has a manifest
+of file sizes and sha256; damaged or partial ones are moved to
+checkpoints/incomplete/, see `checkpoints`); rows of metrics.csv past it are
+replaced.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ import numpy as np
 import tensorflow_federated as tff
 import tqdm
 
+from tff_rec.training import aggregators
+from tff_rec.training import checkpoints
+
 # Metric keys shown in the progress bar, first found wins.
 _BAR_KEYS = (
     ('loss', ('client_work/train/loss',)),
@@ -39,11 +44,16 @@ class LoopConfig:
   checkpoint_every: int = 1
   keep_checkpoints: int = 3
   progress_bar: bool = True
+  # Stop when more than this share of a round's clients sent non-finite
+  # (zeroed) updates.
+  max_zeroed_share: float = 0.5
 
   def __post_init__(self):
     for name in ('total_rounds', 'eval_every', 'checkpoint_every', 'keep_checkpoints'):
       if getattr(self, name) <= 0:
         raise ValueError(f'{name} must be positive, got {getattr(self, name)}')
+    if not 0.0 <= self.max_zeroed_share <= 1.0:
+      raise ValueError(f'max_zeroed_share must be in [0, 1], got {self.max_zeroed_share}')
 
 
 def flatten_metrics(metrics: Mapping[str, Any], prefix: str = '') -> collections.OrderedDict:
@@ -101,54 +111,31 @@ def _clean_partial_checkpoints(checkpoint_dir: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _checkpoint_rounds(checkpoint_dir: str) -> dict[int, str]:
-  """Round -> path of every `program_state_<round>` directory."""
-  rounds = {}
-  for path in glob.glob(os.path.join(checkpoint_dir, 'program_state_*')):
-    suffix = os.path.basename(path)[len('program_state_'):]
-    if suffix.isdigit():
-      rounds[int(suffix)] = path
-  return rounds
-
-
-def is_complete_checkpoint(path: str) -> bool:
-  """Whether `path` holds a whole SavedModel (graph and variable index)."""
-  return (os.path.isfile(os.path.join(path, 'saved_model.pb'))
-          and os.path.isfile(os.path.join(path, 'variables', 'variables.index')))
-
-
-def set_aside_incomplete_checkpoints(checkpoint_dir: str) -> list[str]:
-  """Moves damaged checkpoints (e.g. files deleted) to `incomplete/`; returns their new paths.
-
-  TFF loads the newest `program_state_<round>` and fails on a damaged one;
-  moved aside, training resumes from the newest complete checkpoint instead.
-  """
-  moved = []
-  for round_num, path in sorted(_checkpoint_rounds(checkpoint_dir).items()):
-    if is_complete_checkpoint(path):
-      continue
-    target = os.path.join(checkpoint_dir, 'incomplete',
-                          f'{os.path.basename(path)}-{time.strftime("%Y%m%dT%H%M%S")}')
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    os.rename(path, target)
-    logging.warning('Checkpoint of round %d at %s is incomplete (no saved_model.pb or variables); '
-                    'moved it to %s', round_num, path, target)
-    moved.append(target)
-  return moved
-
-
 def latest_checkpoint_round(run_dir: str) -> Optional[int]:
-  """The round of the newest complete checkpoint in `run_dir`, if any."""
-  rounds = [r for r, path in _checkpoint_rounds(os.path.join(run_dir, 'checkpoints')).items()
-            if is_complete_checkpoint(path)]
-  return max(rounds) if rounds else None
+  """The round of the newest intact (manifest-verified) checkpoint in `run_dir`, if any."""
+  rounds = checkpoints.intact_rounds(os.path.join(run_dir, 'checkpoints'))
+  return rounds[-1] if rounds else None
 
 
-class _MetricsAugmentedProcess:
-  """Wraps `process.next` to add per-round metrics (e.g. running epsilon)."""
+class NonFiniteTrainingError(RuntimeError):
+  """A round diverged: its global model is not finite, or too many client updates were."""
 
-  def __init__(self, process, extra_metrics_fn: Callable[[int], Mapping[str, Any]]):
+
+class _GuardedProcess:
+  """Wraps `process.next`: stops a diverging run, adds per-round metrics (e.g. running ε).
+
+  After each round, before TFF checkpoints it: the global model must be
+  finite, and at most `max_zeroed_share` of the clients may have sent an
+  update TFF zeroed for being non-finite (counted by
+  `aggregators.count_zeroed_updates`). Otherwise `NonFiniteTrainingError`
+  stops the run with the last good checkpoint intact.
+  """
+
+  def __init__(self, process, checkpoint_dir: str, max_zeroed_share: float,
+               extra_metrics_fn: Optional[Callable[[int], Mapping[str, Any]]] = None):
     self._process = process
+    self._checkpoint_dir = checkpoint_dir
+    self._max_zeroed_share = max_zeroed_share
     self._extra = extra_metrics_fn
     self._round = 0
     self.initialize = process.initialize
@@ -156,10 +143,31 @@ class _MetricsAugmentedProcess:
   def set_round(self, round_num: int) -> None:
     self._round = round_num
 
+  def _stop(self, what: str) -> NonFiniteTrainingError:
+    good = checkpoints.intact_rounds(self._checkpoint_dir)
+    last = (f'the last good checkpoint is round {good[-1]} in {self._checkpoint_dir}' if good
+            else 'there is no checkpoint yet')
+    return NonFiniteTrainingError(
+        f'round {self._round}: {what}. Training stopped before this round was saved; {last}. '
+        'Lower the learning rates (or clip the updates) and rerun to resume from it.')
+
   def next(self, state, data):
     output = self._process.next(state, data)
     metrics = collections.OrderedDict(output.metrics)
-    metrics.update(self._extra(self._round))
+    counts = metrics.get('aggregator', {})
+    if isinstance(counts, Mapping) and aggregators.ZEROED_KEY in counts:
+      zeroed, clients = int(counts[aggregators.ZEROED_KEY]), int(counts[aggregators.CLIENTS_KEY])
+      if clients and zeroed / clients > self._max_zeroed_share:
+        raise self._stop(f'{zeroed} of {clients} client updates were not finite and were zeroed '
+                         f'(more than max_zeroed_share={self._max_zeroed_share:g})')
+    weights = self._process.get_model_weights(output.state)
+    for name, values in (('trainable', weights.trainable), ('non-trainable', weights.non_trainable)):
+      for k, w in enumerate(values):
+        if not np.all(np.isfinite(np.asarray(w))):
+          raise self._stop(f'the global model is not finite ({name} weight {k}, shape '
+                           f'{np.shape(w)})')
+    if self._extra is not None:
+      metrics.update(self._extra(self._round))
     return tff.learning.templates.LearningProcessOutput(output.state, metrics)
 
 
@@ -176,12 +184,12 @@ def run(
   checkpoint_dir = os.path.join(run_dir, 'checkpoints')
   os.makedirs(checkpoint_dir, exist_ok=True)
   _clean_partial_checkpoints(checkpoint_dir)
-  set_aside_incomplete_checkpoints(checkpoint_dir)
+  checkpoints.set_aside_damaged(checkpoint_dir)
   start = latest_checkpoint_round(run_dir) or 0
   if start:
     logging.warning('Resuming %s from the checkpoint of round %d', run_dir, start)
-  state_manager = tff.program.FileProgramStateManager(
-      root_dir=checkpoint_dir, prefix='program_state_', keep_total=config.keep_checkpoints
+  state_manager = checkpoints.VerifiedProgramStateManager(
+      root_dir=checkpoint_dir, prefix=checkpoints.PREFIX, keep_total=config.keep_checkpoints
   )
   csv_manager = FlatteningReleaseManager(
       tff.program.CSVFileReleaseManager(
@@ -193,14 +201,12 @@ def run(
   )
   progress = ProgressReleaseManager(config.total_rounds, start, enabled=config.progress_bar)
 
-  training_process = process
-  selection_fn = training_selection_fn
-  if extra_metrics_fn is not None:
-    training_process = _MetricsAugmentedProcess(process, extra_metrics_fn)
+  training_process = _GuardedProcess(process, checkpoint_dir, config.max_zeroed_share,
+                                     extra_metrics_fn)
 
-    def selection_fn(round_num):  # pylint: disable=function-redefined
-      training_process.set_round(round_num)
-      return training_selection_fn(round_num)
+  def selection_fn(round_num):
+    training_process.set_round(round_num)
+    return training_selection_fn(round_num)
 
   eval_fn = None
   if evaluation_fn is not None:

@@ -30,8 +30,8 @@ class OptimizerConfig:
       raise ValueError(f'unknown optimizer {self.name!r}; valid: {", ".join(OPTIMIZERS)}')
     if self.schedule not in SCHEDULES:
       raise ValueError(f'unknown schedule {self.schedule!r}; valid: {", ".join(SCHEDULES)}')
-    if not self.learning_rate > 0:
-      raise ValueError(f'learning rate must be positive, got {self.learning_rate}')
+    if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+      raise ValueError(f'learning rate must be finite and positive, got {self.learning_rate}')
     if self.decay_steps <= 0:
       raise ValueError(f'decay_steps must be positive, got {self.decay_steps}')
 

@@ -1,1 +1,0 @@
-"""Reproduction tables: `python -m experiments.reproduce --table=<name>`."""
