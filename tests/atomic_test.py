@@ -1,5 +1,6 @@
 """tff_rec.atomic.write: whole files or nothing."""
 
+import sys
 import os
 import stat
 
@@ -39,3 +40,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypat
     atomic.write(str(path), 'new')
   assert path.read_text() == 'old'
   assert os.listdir(tmp_path) == ['keep.txt']
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

@@ -3,9 +3,12 @@
 Every Python file has exactly one target in its directory's BUILD file
 (`py_test` for `*_test.py`, `py_binary` for absl binaries, else
 `py_library`), every in-repo import of a target's sources is one of its
-`deps`, and every dep names a target that exists.
+`deps`, every third-party import is a `requirement("<pip name>")` dep whose
+package is pinned, every dep names a target that exists, every test can run
+as a Bazel test (it ends with a pytest main), and the root has a BUILD file.
 """
 
+import sys
 import ast
 import os
 
@@ -33,9 +36,9 @@ def _load_build(package: str) -> dict:
   targets = {}
 
   def rule(kind):
-    def add(name, srcs=(), deps=(), **_):
+    def add(name, srcs=(), deps=(), data=(), **_):
       assert name not in targets, f'{path}: duplicate target {name}'
-      targets[name] = {'kind': kind, 'srcs': list(srcs), 'deps': list(deps)}
+      targets[name] = {'kind': kind, 'srcs': list(srcs), 'deps': list(deps), 'data': list(data)}
     return add
 
   env = {
@@ -45,8 +48,9 @@ def _load_build(package: str) -> dict:
       'py_test': rule('py_test'),
       'filegroup': lambda **k: None,
       'exports_files': lambda *a, **k: None,
-      'glob': lambda *a, **k: [],
+      'glob': lambda patterns, **k: [f'glob:{p}' for p in patterns],
       'package': lambda **k: None,
+      'requirement': lambda name: f'@pypi//:{name}',
   }
   with open(path) as f:
     exec(compile(f.read(), path, 'exec'), env)  # pylint: disable=exec-used
@@ -135,9 +139,73 @@ def test_in_repo_imports_are_declared_deps(path):
     assert owners[0] in declared, f'{label} ({path}) imports {imported} but lacks dep {owners[0]}'
 
 
+def _pins() -> set:
+  pins = set()
+  for name in ('requirements.txt', 'requirements-nodeps.txt', 'constraints.txt'):
+    with open(os.path.join(ROOT, name)) as f:
+      for line in f:
+        line = line.split('#')[0].strip()
+        if '==' in line:
+          pins.add(line.split('==')[0].strip().lower().replace('_', '-'))
+  return pins
+
+
+def _third_party(path: str) -> set:
+  """Top-level names of the non-standard-library, non-repo modules `path` imports."""
+  import sys  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(ROOT, path)) as f:
+    tree = ast.parse(f.read(), path)
+  out = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      names = [a.name for a in node.names]
+    elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+      names = [node.module]
+    else:
+      continue
+    for name in names:
+      top = name.split('.')[0]
+      if top not in sys.stdlib_module_names and top not in PACKAGES + ('tools',):
+        out.add(top)
+  return out
+
+
+@pytest.mark.parametrize('path', FILES)
+def test_third_party_imports_are_pinned_requirement_deps(path):
+  target = TARGETS[OWNER[path][0]]
+  declared = {d.split(':', 1)[1] for d in target['deps'] if d.startswith('@pypi//:')}
+  pins = _pins()
+  for dep in declared:
+    assert dep in pins, f'{path}: requirement("{dep}") is not pinned in requirements*.txt'
+  for top in _third_party(path):
+    # The import name must map to a declared distribution (e.g. absl -> absl-py).
+    candidates = {d for d in declared if d.replace('-', '_').startswith(top) or
+                  {'absl': 'absl-py', 'google': 'protobuf', 'grpc': 'grpcio',
+                   'tensorflow_serving': 'tensorflow-serving-api'}.get(top) == d}
+    assert candidates, f'{path} imports {top} but its target has no requirement() for it'
+
+
+@pytest.mark.parametrize('path', [f for f in FILES if f.endswith('_test.py')])
+def test_tests_run_as_bazel_tests(path):
+  """`bazel test` runs the file as a program: it must end by running pytest on itself."""
+  with open(os.path.join(ROOT, path)) as f:
+    text = f.read()
+  assert text.rstrip().endswith("sys.exit(pytest.main([__file__, '-q']))"), path
+  target = TARGETS[OWNER[path][0]]
+  if 'testdata' in text and os.path.isdir(os.path.join(ROOT, target['package'], 'testdata')):
+    assert 'glob:testdata/**' in target['data'], f'{path} reads testdata/ but has no data dep'
+
+
+def test_the_root_has_a_build_file_and_a_workspace():
+  for name in ('BUILD', 'WORKSPACE', 'MODULE.bazel'):
+    assert os.path.isfile(os.path.join(ROOT, name)), name
+
+
 def test_every_dep_exists():
   for label, target in TARGETS.items():
     for dep in target['deps']:
+      if dep.startswith('@pypi//:'):
+        continue  # checked against the pins above
       full = f'//{target["package"]}{dep}' if dep.startswith(':') else dep
       assert full in TARGETS, f'{label} depends on {dep}, which does not exist'
 
@@ -155,3 +223,7 @@ def test_build_files_match_the_generator():
   proc = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'update_build.py'), '--check'],
                         capture_output=True, text=True)
   assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

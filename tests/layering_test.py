@@ -15,6 +15,7 @@ the same layer may not import each other. Imports inside functions count
 (they are dependencies all the same). tests/ and tools/ may import anything.
 """
 
+import sys
 import ast
 import os
 
@@ -108,3 +109,7 @@ def test_the_check_catches_an_upward_import(tmp_path, monkeypatch, source, impor
   monkeypatch.setattr(shared_data, 'REPO_ROOT', str(root))
   assert [(rel, src, imp) for rel, _, src, imp in violations()] == \
       [(source, _package(source[:-3].replace('/', '.')), imported)]
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

@@ -7,6 +7,7 @@ FedRecon model, and a query of its `recommend_from_history` signature with
 TF's `saved_model_cli`, which needs nothing from the toolkit.
 """
 
+import sys
 import os
 import re
 import shutil
@@ -61,3 +62,7 @@ def test_readme_quickstart_to_serving_runs_as_written(tmp_path):
   # saved_model_cli printed the top-5 items and scores of the request.
   assert "Result for output key item_ids" in proc.stdout
   assert "Result for output key scores" in proc.stdout
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

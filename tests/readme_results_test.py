@@ -7,6 +7,7 @@ the section's Markdown tables must be a value of those folders' table.csv
 (means, stds, published numbers), rounded as printed.
 """
 
+import sys
 import csv
 import json
 import math
@@ -105,3 +106,7 @@ def test_section_commands_and_numbers_match_committed_results(title):
                for t in _NUMBER.findall('|'.join(row.split('|')[2:]))  # not the row label
                if not _matches(t, values)]
   assert not unmatched, f'{title}: numbers not in the results of its commands: {unmatched}'
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

@@ -3,9 +3,14 @@
 
 One target per .py file (py_test for *_test.py, py_binary for absl binaries in
 experiments/ and benchmarks/, else py_library), deps = the in-repo modules it
-imports, and for tests that run a binary in a subprocess (`-m experiments.x`)
-that binary as `data`. tests/build_files_test.py checks the committed files
-match the code.
+imports plus `requirement("<pip name>")` for each third-party package it
+imports (the rules_python way; `@pypi` is rules_python's pip hub under
+MODULE.bazel, or offline the in-repo hub tools/bazel/pypi under WORKSPACE),
+and as `data`: for tests that run a binary in a subprocess (`-m
+experiments.x`) that binary, the package's `testdata/` files, and the flag
+files (`//experiments:flags`) for tests that read them. Every test file ends
+with a main that runs pytest on it, so `bazel test` runs it.
+tests/build_files_test.py checks the committed files match the code.
 
   python3 tools/update_build.py          # rewrite BUILD files
   python3 tools/update_build.py --check  # exit 1 if any would change
@@ -20,6 +25,30 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ('tff_rec', 'privacy', 'compression', 'experiments', 'benchmarks', 'tests')
 SKIP = {'__init__.py', 'conftest.py'}
 _BINARY_RUN = re.compile(r'-m[\'", ]+((?:experiments|benchmarks)\.[a-z_0-9]+)')
+# Import name -> pip distribution (as pinned in requirements*.txt / constraints.txt).
+THIRD_PARTY = {
+    'absl': 'absl-py',
+    'dp_accounting': 'dp-accounting',
+    'google': 'protobuf',
+    'grpc': 'grpcio',
+    'matplotlib': 'matplotlib',
+    'numpy': 'numpy',
+    'portpicker': 'portpicker',
+    'psutil': 'psutil',
+    'pytest': 'pytest',
+    'tensorflow': 'tensorflow',
+    'tensorflow_federated': 'tensorflow-federated',
+    'tensorflow_model_optimization': 'tensorflow-model-optimization',
+    'tensorflow_privacy': 'tensorflow-privacy',
+    'tensorflow_recommenders': 'tensorflow-recommenders',
+    'tensorflow_serving': 'tensorflow-serving-api',
+    'tqdm': 'tqdm',
+}
+TEST_MAIN = """
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))
+"""
 
 
 def python_dirs():
@@ -51,6 +80,29 @@ def imported_files(path: str) -> set:
   return out
 
 
+def third_party(path: str) -> set:
+  """The pip distributions `path` imports; KeyError naming an unknown package."""
+  with open(os.path.join(ROOT, path)) as f:
+    tree = ast.parse(f.read(), path)
+  out = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      names = [a.name for a in node.names]
+    elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+      names = [node.module]
+    else:
+      continue
+    for name in names:
+      top = name.split('.')[0]
+      if top in sys.stdlib_module_names or top in PACKAGES or top == 'tools':
+        continue
+      if top not in THIRD_PARTY:
+        raise KeyError(f'{path} imports {top}: add its pip name to THIRD_PARTY in '
+                       'tools/update_build.py (and pin it in requirements.txt)')
+      out.add(THIRD_PARTY[top])
+  return out
+
+
 def is_binary(path: str, text: str) -> bool:
   return path.startswith(('experiments/', 'benchmarks/')) and 'app.run(' in text
 
@@ -61,13 +113,16 @@ def label(path: str) -> str:
 
 
 def render(package: str, files: list) -> str:
-  kinds, blocks = set(), []
+  kinds, blocks, uses_requirement = set(), [], False
   for f in files:
     path = os.path.join(package, f)
     with open(os.path.join(ROOT, path)) as fh:
       text = fh.read()
     if f.endswith('_test.py'):
       kind = 'py_test'
+      if not text.endswith(TEST_MAIN):
+        raise ValueError(f'{path} must end with the pytest main (tools/update_build.py '
+                         '--add_test_mains adds it)')
     elif is_binary(path, text):
       kind = 'py_binary'
     else:
@@ -77,23 +132,64 @@ def render(package: str, files: list) -> str:
         (':' + os.path.basename(p)[:-3]) if os.path.dirname(p) == package else label(p)
         for p in imported_files(path) if p != path)
     deps.sort(key=lambda d: (not d.startswith(':'), d))
-    data = sorted({'//' + m.replace('.', ':', 1) for m in _BINARY_RUN.findall(text)}) if kind == 'py_test' else []
+    deps += [f'requirement("{r}")' for r in sorted(third_party(path))]
+    data = []
+    if kind == 'py_test':
+      data = sorted({'//' + m.replace('.', ':', 1) for m in _BINARY_RUN.findall(text)})
+      if 'experiments/flags' in text or "'flags'" in text:
+        data.append('//experiments:flags')
+      if 'testdata' in text and os.path.isdir(os.path.join(ROOT, package, 'testdata')):
+        data.append('glob(["testdata/**"])')
+    uses_requirement = uses_requirement or any(d.startswith('requirement(') for d in deps)
     lines = [f'{kind}(', f'    name = "{f[:-3]}",', f'    srcs = ["{f}"],']
     for attr, values in (('data', data), ('deps', deps)):
-      if len(values) == 1:
-        lines.append(f'    {attr} = ["{values[0]}"],')
-      elif values:
+      globs = [v for v in values if v.startswith('glob(')]
+      quoted = [v if v.startswith('requirement(') else f'"{v}"' for v in values if v not in globs]
+      tail = ''.join(f' + {g}' for g in globs)
+      if not quoted and globs:
+        lines.append(f'    {attr} = {" + ".join(globs)},')
+      elif len(quoted) == 1:
+        lines.append(f'    {attr} = [{quoted[0]}]{tail},')
+      elif quoted:
         lines.append(f'    {attr} = [')
-        lines.extend(f'        "{v}",' for v in values)
-        lines.append('    ],')
+        lines.extend(f'        {v},' for v in quoted)
+        lines.append(f'    ]{tail},')
     lines.append(')')
     blocks.append('\n'.join(lines))
+  if package == 'experiments' and os.path.isdir(os.path.join(ROOT, 'experiments', 'flags')):
+    blocks.append('filegroup(\n    name = "flags",\n    srcs = glob(["flags/*.cfg"]),\n)')
   load = ', '.join(f'"{k}"' for k in sorted(kinds))
-  header = f'load("@rules_python//python:defs.bzl", {load})\n\npackage(default_visibility = ["//visibility:public"])\n'
+  header = f'load("@rules_python//python:defs.bzl", {load})\n'
+  if uses_requirement:
+    header += 'load("@pypi//:requirements.bzl", "requirement")\n'
+  header += '\npackage(default_visibility = ["//visibility:public"])\n'
   return header + '\n' + '\n\n'.join(blocks) + '\n'
 
 
+def add_test_main(path: str) -> bool:
+  """Appends the pytest main (and its imports) to a test file without one."""
+  with open(path) as f:
+    text = f.read()
+  if text.endswith(TEST_MAIN):
+    return False
+  lines = text.rstrip('\n').split('\n')
+  tree = ast.parse(text)
+  imported = {a.name for n in tree.body if isinstance(n, ast.Import) for a in n.names}
+  first = next(n.lineno for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))
+               and not (isinstance(n, ast.ImportFrom) and n.module == '__future__'))
+  missing = [f'import {m}' for m in ('sys', 'pytest') if m not in imported]
+  lines[first - 1:first - 1] = missing
+  with open(path, 'w') as f:
+    f.write('\n'.join(lines) + '\n' + TEST_MAIN)
+  return True
+
+
 def main(argv) -> int:
+  if '--add_test_mains' in argv:
+    for package, files in python_dirs():
+      for f in files:
+        if f.endswith('_test.py') and add_test_main(os.path.join(ROOT, package, f)):
+          print(f'added the pytest main to {package}/{f}')
   check = '--check' in argv
   stale = []
   for package, files in python_dirs():

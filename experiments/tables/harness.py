@@ -374,10 +374,12 @@ class AttemptClock:
   (up to the last save) counts when a later attempt resumes from its checkpoint.
   """
 
-  def __init__(self, run_dir: str, interval: Optional[float] = None):
+  def __init__(self, run_dir: str, interval: Optional[float] = None,
+               clock: Callable[[], float] = time.time):
     self._path = os.path.join(run_dir, SECONDS_FILE)
+    self._clock = clock
     self._before = self._read()
-    self._started = time.time()
+    self._started = clock()
     self._final: Optional[float] = None
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._loop, daemon=True,
@@ -391,16 +393,17 @@ class AttemptClock:
       return 0.0
 
   def total(self) -> float:
-    return self._final if self._final is not None else self._before + time.time() - self._started
+    return self._final if self._final is not None else self._before + self._clock() - self._started
 
-  def _save(self) -> None:
+  def save(self) -> None:
+    """Saves the total so far (once the run directory exists)."""
     if os.path.isdir(os.path.dirname(self._path)):
       artifacts.write_json(self._path, {'seconds': self.total()})
 
   def _loop(self, interval: float) -> None:
     while not self._stop.wait(interval):
       try:
-        self._save()
+        self.save()
       except OSError as e:  # A full disk must not kill the cell.
         logging.warning('could not save %s: %s', self._path, e)
 
@@ -411,7 +414,7 @@ class AttemptClock:
       self._thread.join()
       self._final = self.total()
       try:
-        self._save()
+        self.save()
       except OSError as e:
         logging.warning('could not save %s: %s', self._path, e)
     return self._final

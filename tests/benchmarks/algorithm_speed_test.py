@@ -1,5 +1,6 @@
 """The central pass of algorithm_speed does exactly one FedRecon client's work."""
 
+import sys
 import numpy as np
 import pytest
 
@@ -31,3 +32,7 @@ def test_central_pass_equals_one_client_round(ratings, tff_context, tmp_path, na
   central_weights = [v.numpy() for v in central.model._global]  # pylint: disable=protected-access
   for a, b in zip(federated_weights, central_weights):
     np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

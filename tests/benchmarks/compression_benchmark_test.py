@@ -76,3 +76,7 @@ def test_bad_flag_names_the_flag(tmp_path):
   assert proc.returncode != 0
   assert '--compression_federated_rounds' in proc.stderr
   assert not (tmp_path / 'out').exists()
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

@@ -6,6 +6,7 @@ rounds split into subrounds) on synthetic ratings, for plain FedAvg and the
 row-sparse mean.
 """
 
+import sys
 import numpy as np
 import pytest
 
@@ -71,3 +72,7 @@ def test_same_weights_and_metrics_as_before(ratings, before, tmp_path, variant, 
 def test_unknown_loop_implementation_is_rejected():
   with pytest.raises(ValueError, match='loop_implementation'):
     execution.ExecutionConfig(loop_implementation='while')
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

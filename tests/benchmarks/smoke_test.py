@@ -80,3 +80,7 @@ def test_accountant_speed_covers_rdp_and_pld(smoke_dir):
 def test_index_lists_every_benchmark_run(smoke_dir):
   index = _load(os.path.join(smoke_dir, 'run_all.json'))['results']
   assert set(index) == set(_MINE) and all(r['status'] == 'ok' for r in index.values())
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

@@ -1,5 +1,6 @@
 """Compressed aggregation: byte counts, one real TFF round, and the DP combinations."""
 
+import sys
 import functools
 import math
 
@@ -170,3 +171,7 @@ def test_default_aggregator_stats_count_row_sparse_denominators():
   assert stats.upload_bytes == 88 + 4 * (3 + 4 + 3 + 4 + 1)
   plain = comm.aggregator_comm_stats(None, spec, 'table', weighted=True, row_sparse_mean=False)
   assert plain.upload_bytes == 88 + 4
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

@@ -1,5 +1,6 @@
 """The compress_and_export binary's library path and its flag validation."""
 
+import sys
 import csv
 import dataclasses
 import os
@@ -124,3 +125,7 @@ def test_svd_basis_on_a_fedrecon_run_is_a_usage_error(fedrecon_run, tmp_path):
   with pytest.raises(app.UsageError, match='--prune_basis: .*stay on the device'):
     compress_and_export.run(config)
   assert not (tmp_path / 'e' / 'recon' / '1').exists()
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

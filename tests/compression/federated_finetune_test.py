@@ -1,5 +1,6 @@
 """Federated fine-tuning of pruned models with fixed masks (FedAvg and FedRecon)."""
 
+import sys
 import os
 
 import numpy as np
@@ -149,3 +150,7 @@ def test_unpruned_model_and_bad_config_are_refused(mf_run, split):
                                 '/nonexistent', masks={'item_embedding': np.ones((1, 1))})
   with pytest.raises(ValueError, match='positive'):
     federated_finetune.FederatedFinetuneConfig(rounds=0)
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

@@ -83,3 +83,7 @@ def test_served_predictions_from_a_fresh_process(exported):
       'user_id': b(user_index.raw_ids[[0]]), 'k': np.int32(10)})
   seen = {item_index.raw_ids[i].encode() for i in split.train.items[split.train.users == 0]}
   assert top['item_ids'].shape == (1, 10) and not set(top['item_ids'][0].tolist()) & seen
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

@@ -1,5 +1,6 @@
 """Magnitude pruning with TF-MOT, embedding tables included."""
 
+import sys
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -79,3 +80,7 @@ def test_invalid_configs():
   with pytest.raises(ValueError, match='needs the training ratings'):
     pruning.prune(tf.keras.Sequential([tf.keras.layers.Dense(1)]), 'rating', None,
                   pruning.PruningConfig(0.5, 'constant', 1))
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

@@ -1,5 +1,6 @@
 """Post-training int8 / float16 storage and quantization-aware training."""
 
+import sys
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -120,3 +121,7 @@ def test_qat_fake_quantizer_is_the_int8_export_scheme(mf):
   np.testing.assert_allclose(fake, stored, atol=1e-5)
   # The fine-tuned model moved away from the original.
   assert np.abs(tuned(x).numpy() - rec.keras_model(x).numpy()).max() > 1e-4
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

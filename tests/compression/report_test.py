@@ -1,5 +1,7 @@
 """Report sizes, counts and atomic CSV/Markdown output."""
 
+import sys
+import pytest
 import csv
 import gzip
 import os
@@ -47,3 +49,7 @@ def test_write_report_csv_and_markdown(tmp_path):
   assert int8_line.count(' | ') == header.count(' | ')
   assert 'raw 4.00x smaller' in md and 'rmse +0.0100' in md and 'run_dir: runs/a' in md
   assert sorted(os.listdir(tmp_path / 'r')) == ['compression_report.csv', 'compression_report.md']
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

@@ -1,5 +1,6 @@
 """Score-preserving SVD basis of MF tables, and pruning in it."""
 
+import sys
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -96,3 +97,7 @@ def test_pruning_in_the_svd_basis_keeps_a_low_rank_model():
   np.testing.assert_allclose(_scores(svd.model), before, atol=1e-3 * np.abs(before).max())
   assert np.abs(_scores(trained.model) - before).max() > 0.1 * np.abs(before).max()
   np.testing.assert_array_equal(_scores(model), before)  # the input model is untouched
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

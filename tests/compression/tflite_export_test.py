@@ -1,5 +1,6 @@
 """TFLite artifacts run in tf.lite.Interpreter and match the float model."""
 
+import sys
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -49,3 +50,7 @@ def test_bad_modes():
     tflite_export.convert(model, 'float8')
   with pytest.raises(ValueError, match='representative'):
     tflite_export.convert(model, 'int8')
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

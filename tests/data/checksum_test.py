@@ -1,5 +1,6 @@
 """Tests for tff_rec.data.checksum."""
 
+import sys
 import hashlib
 
 import pytest
@@ -48,3 +49,7 @@ def test_known_checksums():
   assert checksum.known_checksum('ml-1m').startswith('ebd21ce6')
   assert checksum.known_checksum('ml-25m') is None
   assert all(len(v) == 64 for v in checksum.KNOWN_CHECKSUMS.values())
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

@@ -1,5 +1,6 @@
 """The federated view: one client per user, OrderedDict elements, built from ids."""
 
+import sys
 import collections
 import os
 
@@ -155,3 +156,7 @@ def test_client_data_from_files_builds_datasets_worker_side(ratings, tff_context
                              storage_dir=str(tmp_path))
   ds = cd.dataset_computation(cd.client_ids[0])
   assert len(_rows(ds)) == int(np.sum(ratings.users == int(cd.client_ids[0])))
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

@@ -1,5 +1,6 @@
 """Tests for tff_rec.data.ncf on a tiny fixture split and the real NCF zip."""
 
+import sys
 import os
 import shutil
 
@@ -111,3 +112,7 @@ def test_real_ncf_zip():
   # The published negatives hold some users' own test items; kept and counted.
   hit = sum(int(i) in r for i, r in zip(s.test.items.tolist(), rows))
   assert hit == s.info['test_item_in_negatives'] > 0
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

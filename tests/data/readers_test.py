@@ -1,5 +1,6 @@
 """Tests for tff_rec.data.readers on small fixtures, good and bad."""
 
+import sys
 import zipfile
 
 import numpy as np
@@ -372,3 +373,7 @@ class TestSharedData:
     assert r.rating_scale == (0.5, 5.0)
     assert set(np.unique(r.ratings).tolist()) == set(np.arange(1, 11) / 2)
     assert checksum.ratings_checksum(r, '{:.1f}') == res.checksum
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

@@ -1,5 +1,6 @@
 """Tests for tff_rec.data.sources; downloads only from 127.0.0.1 or file://."""
 
+import sys
 import hashlib
 import http.server
 import io
@@ -417,3 +418,7 @@ class TestSharedData:
     assert info.origin == 'download' and info.checksum_verified
     assert info.fold_source == str(tmp_path / 'ml-100k.zip')
     assert listing(tmp_path) == ['ml-100k.zip']
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

@@ -1,5 +1,6 @@
 """Tests for tff_rec.data.splits: the invariants of every split."""
 
+import sys
 import dataclasses
 
 import numpy as np
@@ -249,3 +250,7 @@ class TestSplitAndDispatch:
     with pytest.raises(ValueError, match='negatives must have shape'):
       splits.Split(s.train, s.val, s.test, 'x', False, negatives=s.negatives[1:])
     assert 'leave_one_out split (train' in s.summary()
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

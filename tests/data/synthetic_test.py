@@ -1,5 +1,6 @@
 """Tests for tff_rec.data.synthetic."""
 
+import sys
 import numpy as np
 import pytest
 
@@ -80,3 +81,7 @@ def test_item_skew():
 def test_bad_arguments(kwargs):
   with pytest.raises(ValueError):
     make(**kwargs)
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

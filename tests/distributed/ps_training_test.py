@@ -155,3 +155,7 @@ def test_binary_on_real_movielens_loopback(tmp_path):
   assert len(report['shards']['user_embedding/embeddings:0']) == 2
   with open(tmp_path / 'ml100k' / 'test_metrics.json') as f:
     assert 0.85 < json.load(f)['rmse'] < 1.2
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

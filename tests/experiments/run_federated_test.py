@@ -150,3 +150,7 @@ def test_weighted_dp_is_refused():
   with pytest.raises(app.UsageError, match='--weighting'):
     _prepared('--weighting=num_examples', '--dp=gaussian_fixed', '--dp_noise_multiplier=1.0',
               '--dp_clip=1.0')
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

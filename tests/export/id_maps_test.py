@@ -1,5 +1,6 @@
 """Raw id <-> index maps of the exported SavedModels."""
 
+import sys
 import os
 
 import numpy as np
@@ -73,3 +74,7 @@ def test_saved_model_round_trip(tmp_path, raw):
   np.testing.assert_array_equal(loaded.index_of(tf.constant(raw[::7] + ['nope'])).numpy(),
                                 list(range(0, len(raw), 7)) + [-1])
   assert _strings(loaded.id_of(tf.constant([0, 299, 5], tf.int32))) == [raw[0], raw[299], raw[5]]
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

@@ -1,5 +1,6 @@
 """TF Serving export of real (small) training runs: layout, signatures, reload, errors."""
 
+import sys
 import os
 import shutil
 
@@ -373,3 +374,7 @@ def test_movielens_100k_central_mf_export_reloads(tmp_path):
   assert top['item_ids'].shape == (2, 10)
   seen0 = {ii.raw_ids[i].encode() for i in split.train.items[split.train.users == 0]}
   assert not set(top['item_ids'][0].tolist()) & seen0
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

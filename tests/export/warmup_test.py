@@ -1,5 +1,6 @@
 """Warmup files round-trip as PredictionLogs."""
 
+import sys
 import numpy as np
 import pytest
 
@@ -28,3 +29,7 @@ def test_refuses_empty_or_too_many(tmp_path):
   log = warmup.predict_log('m', 's', {'k': np.int32(1)})
   with pytest.raises(ValueError, match='at most 1000'):
     warmup.write_warmup(str(tmp_path), [log] * 1001)
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

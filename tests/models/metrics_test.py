@@ -1,5 +1,6 @@
 """Keras metrics and ranking protocols, against hand-computed values."""
 
+import sys
 import collections
 import math
 
@@ -262,3 +263,7 @@ def test_keras_scoring_callables_match_the_model():
                                 [15, 26, 37, 48])
   matrix = metrics.keras_score_matrix_fn(model, num_items=4, batch_size=5)(np.array([2, 0]))
   np.testing.assert_array_equal(matrix, [[20, 21, 22, 23], [0, 1, 2, 3]])
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

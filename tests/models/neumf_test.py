@@ -1,5 +1,6 @@
 """NCF models: the GMF / MLP / NeuMF / NCF-softmax computations, by hand."""
 
+import sys
 import collections
 
 import numpy as np
@@ -176,3 +177,7 @@ def test_ncf_softmax_cross_entropy_training_via_logits():
 def test_layers_have_configs():
   layer = neumf.ExpectedRating((1.0, 2.0), name='e')
   assert neumf.ExpectedRating.from_config(layer.get_config()).rating_values == (1.0, 2.0)
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

@@ -1,5 +1,6 @@
 """Every registered model: shapes, partition, seeding, personal variant, training."""
 
+import sys
 import collections
 
 import numpy as np
@@ -165,3 +166,7 @@ def test_keras_fit_lowers_loss(name):
   rec.keras_model.fit(data, epochs=15, verbose=0)
   after = rec.keras_model.evaluate(data, verbose=0)
   assert after < 0.7 * before, (before, after)
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

@@ -1,5 +1,6 @@
 """Every registered model inside TFF: Keras wrappers and one FedRecon round."""
 
+import sys
 import collections
 
 import numpy as np
@@ -101,3 +102,7 @@ def test_fed_recon_round(name):
   # Only global variables travel, and the round moved them.
   assert len(after) == len(rec.global_variables)
   assert any(not np.allclose(a, b) for a, b in zip(before, after))
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

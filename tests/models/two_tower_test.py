@@ -1,5 +1,6 @@
 """Two-tower model: towers vs pointwise scores, partition, retrieval training."""
 
+import sys
 import collections
 
 import numpy as np
@@ -123,3 +124,7 @@ def test_evaluate_top_k_matches_full_ranking():
     ours = metrics.full_ranking_metrics(
         two_tower.score_matrix_fn(rec), (np.zeros(0, np.int64),) * 2, (users, items), k=k)
     assert tfrs_result[f'top_{k}_accuracy'] == pytest.approx(ours['hit_rate'])
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

@@ -1,5 +1,6 @@
 """Tests for privacy.accounting against independent dp_accounting computations."""
 
+import sys
 import math
 
 import dp_accounting
@@ -366,3 +367,7 @@ def test_dpsgd_bu_et_al_movielens():
   assert ours == pytest.approx(14.26, abs=0.01)
   assert accounting.dpsgd_epsilon(0.6, BU_Q, BU_STEPS, BU_DELTA, 'pld') == (
       pytest.approx(12.75, abs=0.01))
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

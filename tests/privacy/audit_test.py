@@ -1,5 +1,6 @@
 """Membership-inference audit on per-user losses."""
 
+import sys
 import numpy as np
 import pytest
 
@@ -63,3 +64,7 @@ def test_audit_model_on_a_by_user_split():
   assert 0.0 <= result['max_auc'] <= 1.0
   with pytest.raises(ValueError, match='by-user split'):
     audit.audit_model(truth, split.train, split.train)
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

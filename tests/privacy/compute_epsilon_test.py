@@ -145,3 +145,7 @@ def test_mode_flag_errors(args, message):
   proc = _run(['--population=943', '--clients_per_round=10', *args])
   assert proc.returncode != 0
   assert message in proc.stderr, proc.stderr
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

@@ -1,5 +1,6 @@
 """The DP aggregation processes really clip, add noise and adapt (run in TFF)."""
 
+import sys
 import numpy as np
 import pytest
 import tensorflow_federated as tff
@@ -183,3 +184,7 @@ def test_config_errors_name_the_field(kwargs, field):
 def test_adaptive_modes_default_to_tffs_initial_clip():
   assert DpConfig('gaussian_adaptive', noise_multiplier=1.0).initial_clip == 0.1
   assert dp_aggregators.build_aggregator(DpConfig(), 10) is None
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

@@ -1,5 +1,6 @@
 """--dp* flags -> DpConfig, and the run-level checks of prepare_dp_for_run."""
 
+import sys
 from absl import app
 from absl import flags
 import pytest
@@ -99,3 +100,7 @@ def test_prepare_dp_for_run_without_dp_changes_nothing(split):
   config = _config(name='fedavg')
   same, setup = dp_flags.prepare_dp_for_run(federated_dp.DpConfig(), config, split)
   assert same is config and setup.aggregator is None and setup.extra_metrics_fn is None
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

@@ -1,5 +1,6 @@
 """Central DP-SGD baseline: exact clipping, accounting, outputs."""
 
+import sys
 import json
 import math
 import os
@@ -167,3 +168,7 @@ def test_results_are_written_atomically(split, tmp_path):
   assert len(record['history']) == 2
   assert 'this run' in open(md_path).read()
   assert sorted(os.listdir(tmp_path / 'out')) == ['result.json', 'result.md']
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

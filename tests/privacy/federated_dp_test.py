@@ -1,5 +1,6 @@
 """prepare_dp: refusals, budgets, running epsilon, samplers, and a DP learning process."""
 
+import sys
 import collections
 import csv
 import functools
@@ -287,3 +288,7 @@ def test_run_federated_with_distributed_dp(tmp_path, algorithm):
   with open(tmp_path / run.experiment_name / 'metrics.csv') as f:
     eps = [float(r['dp/epsilon']) for r in csv.DictReader(f) if r.get('dp/epsilon')]
   assert len(eps) == 2 and 0 < eps[0] < eps[1]
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

@@ -39,3 +39,7 @@ def test_invalid_flag_is_a_usage_error(tmp_path):
   proc = _run(['--batch_size=0', f'--output_dir={tmp_path}'])
   assert proc.returncode != 0
   assert '--batch_size' in proc.stderr
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

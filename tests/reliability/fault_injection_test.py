@@ -294,3 +294,7 @@ def test_the_local_worker_is_unreachable_from_other_hosts_while_a_run_is_live(tm
     proc.wait()
   for p in tree:
     assert processes.gone(p.pid)
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

@@ -1,5 +1,6 @@
 """harness: resumable cells, failures, aggregation and the trivial-baseline check."""
 
+import sys
 import json
 import os
 import time
@@ -230,27 +231,48 @@ def test_cells_saved_before_provenance_records_still_load(tmp_path):
 
 def test_attempt_clock_saves_while_running_and_resumes(tmp_path):
   run_dir = tmp_path / 'run'
-  clock = harness.AttemptClock(str(run_dir), interval=0.02)
-  time.sleep(0.1)
+  now = [100.0]
+  clock = harness.AttemptClock(str(run_dir), interval=3600, clock=lambda: now[0])
+  now[0] += 5.0
+  clock.save()
   assert not run_dir.exists()  # Nothing is written before the cell makes its run directory.
   run_dir.mkdir()
-  time.sleep(0.2)
-  saved = json.loads((run_dir / harness.SECONDS_FILE).read_text())['seconds']
-  assert 0.1 <= saved <= clock.total()  # Saved while running: an interruption keeps it.
-  first = clock.stop()
-  assert clock.stop() == first and first >= 0.3
-  again = harness.AttemptClock(str(run_dir), interval=0.02)
-  assert again.total() >= first
-  assert again.stop() >= first
+  now[0] += 3.0
+  clock.save()  # What the clock's thread does every `interval` seconds.
+  assert json.loads((run_dir / harness.SECONDS_FILE).read_text())['seconds'] == 8.0
+  now[0] += 1.0
+  assert clock.stop() == 9.0 and clock.stop() == 9.0  # idempotent
+  now[0] += 50.0  # Time between attempts does not count.
+  again = harness.AttemptClock(str(run_dir), interval=3600, clock=lambda: now[0])
+  now[0] += 2.0
+  assert again.total() == 11.0
+  assert again.stop() == 11.0
 
 
-def test_an_interrupted_cell_counts_the_time_of_every_attempt(tmp_path):
+def test_attempt_clock_saves_from_its_thread(tmp_path):
+  run_dir = tmp_path / 'run'
+  run_dir.mkdir()
+  clock = harness.AttemptClock(str(run_dir), interval=0.01, clock=lambda: 42.0)
+  path = run_dir / harness.SECONDS_FILE
+  deadline = time.monotonic() + 30
+  while not path.exists():  # Waits for the thread's first save (no fixed sleep).
+    assert time.monotonic() < deadline, 'the clock thread never saved'
+    time.sleep(0.005)
+  clock.stop()
+  assert json.loads(path.read_text())['seconds'] == 0.0
+
+
+def test_an_interrupted_cell_counts_the_time_of_every_attempt(tmp_path, monkeypatch):
   attempts = []
+  now = [1000.0]
+  real_clock = harness.AttemptClock
+  monkeypatch.setattr(harness, 'AttemptClock',
+                      lambda run_dir: real_clock(run_dir, interval=3600, clock=lambda: now[0]))
 
   def run(ctx):
     attempts.append(1)
     os.makedirs(ctx.run_dir, exist_ok=True)
-    time.sleep(0.3)
+    now[0] += 30.0  # the cell's work
     if len(attempts) == 1:
       raise RuntimeError('interrupted')
     return {'trivial': {'rmse': 1.0}}
@@ -260,12 +282,17 @@ def test_an_interrupted_cell_counts_the_time_of_every_attempt(tmp_path):
   options = harness.RunOptions(output_dir=str(tmp_path), seeds=(0,))
   first = harness.run_table(table, options)
   assert first.results[0].status == harness.FAILED
+  assert first.results[0].seconds == 30.0
   second = harness.run_table(table, options)
   assert second.results[0].status == harness.DONE
-  assert second.results[0].seconds >= first.results[0].seconds + 0.3
+  assert second.results[0].seconds == 60.0
 
 
 def test_cells_without_a_run_directory_leave_none(tmp_path):
   table = _table(_cells([]))
   harness.run_table(table, harness.RunOptions(output_dir=str(tmp_path), seeds=(0,)))
   assert not (tmp_path / 'runs').exists()
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

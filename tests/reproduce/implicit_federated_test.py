@@ -1,5 +1,6 @@
 """experiment.run_federated with implicit models (negatives_per_positive, HR/NDCG)."""
 
+import sys
 import dataclasses
 
 import pytest
@@ -51,3 +52,7 @@ def test_implicit_needs_negatives_and_rating_models_refuse_them(tmp_path):
     experiment.run_federated(_config(tmp_path, model='mf'), _execution(tmp_path), split=_split())
   with pytest.raises(ValueError, match='negatives_per_positive must be >= 0'):
     dataclasses.replace(_config(tmp_path), negatives_per_positive=-1)
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

@@ -1,5 +1,6 @@
 """local_recon: the vectorized reconstruction equals TFF's per-client one."""
 
+import sys
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -130,3 +131,7 @@ def test_tff_weights_roundtrip():
   weights = common.global_weights(spec, rec.keras_model)
   assert isinstance(weights, tff.learning.models.ModelWeights)
   assert len(weights.trainable) == len([v for v in rec.global_variables if v.trainable])
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

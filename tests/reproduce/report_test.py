@@ -1,5 +1,7 @@
 """report: CSV, Markdown, PNG and manifest of a (synthetic) table run."""
 
+import sys
+import pytest
 import csv
 import io
 import json
@@ -130,3 +132,7 @@ def test_run_section_names_cell_machines_and_data(tmp_path):
   assert f'{me["cores"]} cores: 5 cells' in md
   assert 'no record for 3 cells (older cells did not keep one)' in md
   assert 'ml-1m from /d/ml-1m.zip' in md
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

@@ -132,3 +132,7 @@ def test_invalid_flags_are_usage_errors(tmp_path):
   assert proc.returncode != 0 and 'table' in proc.stderr
   proc = _reproduce('--table=ncf_ml1m', '--data_dir=/nonexistent', f'--output_dir={tmp_path}')
   assert proc.returncode != 0 and '--data_dir=/nonexistent' in proc.stderr
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

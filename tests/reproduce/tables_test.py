@@ -1,5 +1,6 @@
 """tables / common: every table's cells cover its rows; splits and data paths."""
 
+import sys
 import dataclasses
 import glob
 import json
@@ -222,3 +223,7 @@ def test_epoch_cap_applies_to_the_ncf_central_cells():
   assert epochs and set(epochs.values()) == {3}
   assert {c.params['central']['epochs'] for c in full if 'central' in c.params} == {20}
   assert common.capped_epochs(harness.RunOptions('/o', max_epochs=None), 20) == 20
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

@@ -111,3 +111,7 @@ def _parent_was(pid: int, parent: int) -> bool:
     return psutil.Process(pid).ppid() == parent
   except psutil.NoSuchProcess:
     return False
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

@@ -193,3 +193,7 @@ def test_a_frozen_worker_is_reported_after_worker_timeout_sec(tmp_path):
       os.kill(pid, signal.SIGCONT)
     for w in workers:
       w.stop()
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

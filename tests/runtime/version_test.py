@@ -76,3 +76,7 @@ def test_cpu_model_names_this_cpu():
   model = version.cpu_model()
   assert isinstance(model, str) and model
   assert version.machine_info()['cpu'] == model
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

@@ -1,5 +1,6 @@
 """RowSparseMeanFactory averages each table row over the clients touching it."""
 
+import sys
 import collections
 
 import numpy as np
@@ -73,3 +74,7 @@ def test_mask_length_is_checked():
 def test_sparse_leaf_mask_by_layer_name():
   names = ['user_embedding/embeddings:0', 'dense/kernel:0', 'item_bias/embeddings:0']
   assert aggregators.sparse_leaf_mask(names, ['user_embedding', 'item_bias']) == [True, False, True]
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

@@ -1,5 +1,6 @@
 """Each federated algorithm lowers the loss on synthetic low-rank ratings."""
 
+import sys
 import functools
 
 import numpy as np
@@ -133,3 +134,7 @@ def test_default_user_embedding():
   assert algorithms.default_user_embedding('fedrecon', False) == model_fns.UserEmbedding.LOCAL
   assert algorithms.default_user_embedding('fedavg', False) == model_fns.UserEmbedding.TABLE
   assert algorithms.default_user_embedding('fedprox', True) == model_fns.UserEmbedding.SHARED
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

@@ -1,5 +1,6 @@
 """Central baselines: training, evaluation, saved final model."""
 
+import sys
 import numpy as np
 import pytest
 
@@ -75,3 +76,7 @@ def test_synthetic_dataset_config():
                                                       val_fraction=0.1, test_fraction=0.1))
   assert split.heldout_users
   assert split.train.num_users == data_setup.SYNTHETIC_SHAPE['num_users']
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

@@ -1,5 +1,6 @@
 """Federated evaluation: table, reconstruction and fine-tuning paths."""
 
+import sys
 import functools
 
 import numpy as np
@@ -103,3 +104,7 @@ def test_alternate_batches_partition_each_user_in_time_order(data):
     mine = data.ratings.select(data.ratings.users == u).sorted_by_user()
     expect_support = [i for k, i in enumerate(mine.items.tolist()) if (k // 3) % 2 == 0]
     assert support.items[support.users == u].tolist() == expect_support
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

@@ -1,5 +1,6 @@
 """The fast FedRecon equals TFF's; closed-form reconstruction solves the gradient path's objective."""
 
+import sys
 import collections
 import functools
 
@@ -281,3 +282,7 @@ def test_data_split_indices_follow_tff_split_rules():
   assert cut.for_reconstruction('closed_form') == cut
   with pytest.raises(ValueError, match='exclusive'):
     fed_recon.DataSplit(split_dataset=True, by_query_marker=True)
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

@@ -1,5 +1,6 @@
 """Checkpoints on disk: manifests, verification, and setting damaged ones aside."""
 
+import sys
 import asyncio
 import os
 
@@ -105,3 +106,7 @@ def test_the_state_manager_writes_a_manifest_that_verifies(tmp_path):
   finally:
     event_loop.close()
   assert version == 2 and np.array_equal(loaded['w'], state['w'])
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

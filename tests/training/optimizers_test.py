@@ -1,5 +1,6 @@
 """Optimizers by name and learning-rate schedules."""
 
+import sys
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -57,3 +58,7 @@ def test_keras_counterpart():
                     tf.keras.optimizers.Adam)
   with pytest.raises(ValueError, match='yogi'):
     optimizers.build_keras_optimizer(optimizers.OptimizerConfig('yogi', 0.01))
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

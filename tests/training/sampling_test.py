@@ -1,5 +1,6 @@
 """Seeded client sampling."""
 
+import sys
 import numpy as np
 import pytest
 
@@ -41,3 +42,7 @@ def test_clients_per_round_bounds(k):
 def test_unknown_mode():
   with pytest.raises(ValueError, match='unknown sampling'):
     sampling.ClientSampler(range(10), 1, seed=0, mode='bogus')
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

@@ -1,5 +1,6 @@
 """A crashed local TFF worker is replaced and training resumes from its checkpoint."""
 
+import sys
 import csv
 import os
 import signal
@@ -81,3 +82,7 @@ def test_restarts_are_bounded_and_local_only(tmp_path, monkeypatch):
   assert len(installs) == 1
   with pytest.raises(ValueError, match='worker_restarts'):
     _execution(tmp_path, worker_restarts=-1)
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))
