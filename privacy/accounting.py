@@ -326,7 +326,15 @@ def make_accountant(
     accountant: str,
     relation: NeighboringRelation = NeighboringRelation.ADD_OR_REMOVE_ONE,
 ) -> dp_accounting.PrivacyAccountant:
-  """A fresh RDP (default orders) or PLD accountant for `relation`."""
+  """A fresh privacy accountant.
+
+  Args:
+    accountant: 'rdp' (default orders) or 'pld'.
+    relation: The neighboring relation (add/remove one user by default).
+
+  Returns:
+    A `dp_accounting.PrivacyAccountant` with nothing composed yet.
+  """
   _check_choice('accountant', accountant, ACCOUNTANTS)
   if accountant == 'rdp':
     return rdp.RdpAccountant(neighboring_relation=relation)

@@ -306,6 +306,17 @@ def build_query(config: DpConfig, clients_per_round: int) -> tfp.DPQuery:
   The same queries TFF's `DifferentiallyPrivateFactory.gaussian_fixed` /
   `gaussian_adaptive` wrap; exposed so compressed transport can sit inside
   the clip (`compression.comm.build_compression_aggregator(dp_query=...)`).
+
+  Args:
+    config: A `gaussian_fixed` or `gaussian_adaptive` config with its noise
+      multiplier set.
+    clients_per_round: Clients summed per round (the query averages over it).
+
+  Returns:
+    A `tfp.DPQuery` (normalized by `clients_per_round`).
+
+  Raises:
+    ValueError: Another mode, or no noise multiplier.
   """
   if config.mode not in QUERY_MODES:
     raise ValueError(f'build_query supports modes {QUERY_MODES}, not {config.mode!r}')
@@ -335,8 +346,19 @@ def build_aggregator(
 ) -> Optional[tff.aggregators.UnweightedAggregationFactory]:
   """The unweighted DP factory of `config` (None for mode 'none').
 
-  `config.noise_multiplier` must be set (calibrate first). The tree modes
-  need `restart_rounds` (or `config.restart_rounds`).
+  Args:
+    config: The DP configuration; `config.noise_multiplier` must be set
+      (calibrate first).
+    clients_per_round: Clients per round (the sum is averaged over it).
+    restart_rounds: Tree modes: rounds between tree restarts (default
+      `config.restart_rounds`).
+
+  Returns:
+    A TFF unweighted aggregation factory, or None when DP is off.
+
+  Raises:
+    ValueError: No noise multiplier, a bad count, or a tree mode without
+      restart rounds.
   """
   if not config.enabled:
     return None

@@ -175,7 +175,17 @@ def rating_classes(ratings: np.ndarray) -> np.ndarray:
 
 
 def build_model(num_users: int, num_items: int, config: DpSgdConfig):
-  """(RecModel predicting E[rating], Keras model of the 5 rating logits)."""
+  """The DP-SGD baseline's NCF-softmax model.
+
+  Args:
+    num_users: Users.
+    num_items: Items.
+    config: Its sizes and seed.
+
+  Returns:
+    (the `RecModel` predicting E[rating], the Keras model of the 5 rating
+    logits that DP-SGD trains).
+  """
   rec = neumf.build_ncf_softmax_rating(
       num_users, num_items, mf_dim=config.mf_dim, mlp_dim=config.mlp_dim,
       rating_values=RATING_VALUES, seed=config.seed)

@@ -111,5 +111,23 @@ def test_the_check_catches_an_upward_import(tmp_path, monkeypatch, source, impor
       [(source, _package(source[:-3].replace('/', '.')), imported)]
 
 
+
+def test_public_builders_document_their_arguments():
+  """`build*` / `make*` functions of the library with two or more arguments have Args/Returns."""
+  missing = []
+  for rel, _ in _modules():
+    if not rel.startswith(('tff_rec', 'privacy', 'compression')):
+      continue
+    with open(os.path.join(shared_data.REPO_ROOT, rel)) as f:
+      tree = ast.parse(f.read(), rel)
+    for node in tree.body:
+      if (isinstance(node, ast.FunctionDef) and node.name.startswith(('build', 'make'))
+          and len(node.args.args) + len(node.args.kwonlyargs) >= 2):
+        doc = ast.get_docstring(node) or ''
+        if 'Args:' not in doc or 'Returns:' not in doc:
+          missing.append(f'{rel}: {node.name}')
+  assert not missing, 'public builders without Args/Returns docs:\n' + '\n'.join(missing)
+
+
 if __name__ == '__main__':
   sys.exit(pytest.main([__file__, '-q']))

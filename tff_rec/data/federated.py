@@ -162,6 +162,14 @@ def make_dataset_fn(
   file, worker-side: a far smaller graph, for large data sets; remote
   workers then need the same path (shared storage). Both give the same
   datasets.
+
+  Args:
+    r: The ratings (one client per user with ratings).
+    config: Batching, shuffling, epochs and per-user caps.
+    storage_dir: Where per-user files are written and read (None: constants).
+
+  Returns:
+    A `tff.tensorflow.computation`-compatible function of a client id.
   """
   capped = cap_latest(r, config.max_examples_per_user)
   num_items = int(r.num_items)
@@ -298,6 +306,15 @@ def make_eval_dataset_fn(
   With no `support`, elements have the plain `element_spec()` (no marker):
   the query rows alone, or data the consumer splits itself (e.g. FedRecon's
   even/odd batch split for unseen users).
+
+  Args:
+    support: Ratings a model may adapt to, per user (None: none).
+    query: Ratings that are scored.
+    batch_size: Examples per batch.
+    max_support_per_user: Keep only each user's latest support rows.
+
+  Returns:
+    A serializable function of a client id.
   """
   q = _Tables(cap_latest(query, None))
   s = _Tables(cap_latest(support, max_support_per_user)) if support is not None else None

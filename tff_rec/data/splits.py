@@ -293,6 +293,18 @@ def make_split(ratings: Optional[Ratings], kind: str, seed: int = 0, **kwargs) -
 
   'ml100k_fold' takes `source=` and `fold=` (and uses `ratings` as the
   catalog when given).
+
+  Args:
+    ratings: The ratings to split.
+    kind: One of `SPLIT_KINDS`.
+    seed: Seed of the random splits.
+    **kwargs: The split function's own arguments (fractions, negatives, ...).
+
+  Returns:
+    The `Split`.
+
+  Raises:
+    ValueError: An unknown kind or bad arguments.
   """
   if kind == 'by_user':
     return split_by_user(ratings, seed=seed, **kwargs)

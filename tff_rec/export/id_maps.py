@@ -128,7 +128,19 @@ class RangeIdMap(tf.Module):
 
 
 def build(raw_ids: Sequence[str], path: str) -> TextIdMap | RangeIdMap:
-  """The smaller map for `raw_ids`; `path` is the asset file a `TextIdMap` writes."""
+  """The smaller id map for `raw_ids`.
+
+  Args:
+    raw_ids: The raw ids in index order (unique).
+    path: The asset file a `TextIdMap` would write.
+
+  Returns:
+    A `RangeIdMap` (runs of consecutive integers) when that is much smaller,
+    else a `TextIdMap`.
+
+  Raises:
+    IdMapError: Repeated ids.
+  """
   raw_ids = [str(r) for r in raw_ids]
   if len(set(raw_ids)) != len(raw_ids):
     raise IdMapError(f'raw ids are not unique ({len(raw_ids) - len(set(raw_ids))} repeated)')

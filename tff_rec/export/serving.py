@@ -495,7 +495,18 @@ def build_serving_model(
     options: ExportOptions,
     storage_fn: Optional[Callable[[tf.keras.Model], tf.keras.Model]] = None,
 ) -> tf.keras.Model:
-  """The scoring model as exported: cold-start rows added, then `storage_fn`."""
+  """The scoring model as exported.
+
+  Args:
+    keras_model: The trained scoring model.
+    model_config: Its `model_config.json` record.
+    options: The export options (unknown-id policies).
+    storage_fn: Turns the model into its stored form (e.g. int8), if given.
+
+  Returns:
+    The model with cold-start rows added where the policies ask for them,
+    then `storage_fn` applied.
+  """
   model = with_cold_start_rows(keras_model, model_config,
                                users=options.unknown_user == 'cold_start',
                                items=options.unknown_item == 'cold_start')

@@ -42,7 +42,25 @@ def build_mf(
     init_stddev: float = 0.01,
     seed: int = 0,
 ) -> base.RecModel:
-  """Biased MF; `personal=True` keeps one local user row (for FedRecon)."""
+  """Biased matrix factorization: `global_mean + b_u + b_i + <p_u, q_i>`.
+
+  Args:
+    num_users: Rows of the user table (ignored with `personal`).
+    num_items: Rows of the item table.
+    embedding_dim: Latent factors.
+    use_biases: Add the global mean and the user and item biases (False: a
+      plain dot product, as TFF's FedRecon tutorial).
+    l2: L2 on the looked-up embedding and bias rows (the reconstruction ridge).
+    global_mean: Initial value of the global bias (e.g. the training mean).
+    personal: Keep one local user row instead of a table: the on-device user
+      of Federated Reconstruction.
+    init_stddev: Stddev of the normal initializer of both tables.
+    seed: Initializer seed (the item table uses `seed + 1`).
+
+  Returns:
+    A `base.RecModel`; with `personal` the user row and bias are its local
+    part, otherwise every layer is global.
+  """
   inputs = base.model_inputs()
   user_rows = 1 if personal else num_users
   user_index = base.PersonalIndex(name='personal_index')(inputs['user']) if personal else inputs['user']

@@ -153,7 +153,24 @@ def build_gmf(
     init_stddev: float = 0.01,
     seed: int = 0,
 ) -> base.RecModel:
-  """Generalized MF: Dense(1) over the product of user and item embeddings."""
+  """Generalized MF: Dense(1) over the product of user and item embeddings.
+
+  Args:
+    num_users: Rows of the user table(s) (ignored with `personal`).
+    num_items: Rows of the item table(s).
+    factors: Embedding size.
+    l2: L2 on the looked-up embedding rows.
+    task: `base.TASK_IMPLICIT` (a logit, logistic loss) or `base.TASK_RATING`
+      (a rating, squared loss).
+    global_mean: Initial output bias of a rating head.
+    personal: One local user row instead of a user table (FedRecon).
+    init_stddev: Stddev of the embeddings' normal initializer.
+    seed: Initializer seed.
+
+  Returns:
+    A `base.RecModel`; with `personal` the user embeddings are its local
+    part, otherwise every layer is global.
+  """
   _check_task(task)
   inputs = base.model_inputs()
   parts = _Parts()
@@ -180,7 +197,24 @@ def build_mlp(
     init_stddev: float = 0.01,
     seed: int = 0,
 ) -> base.RecModel:
-  """NCF's MLP: embeddings of size layers[0]/2, ReLU layers[1:], Dense(1)."""
+  """NCF's MLP: embeddings of size layers[0]/2, ReLU layers[1:], Dense(1).
+
+  Args:
+    num_users: Rows of the user table(s) (ignored with `personal`).
+    num_items: Rows of the item table(s).
+    layers: Sizes of the MLP tower; the first is the concatenated embeddings.
+    l2: L2 on the looked-up embedding rows.
+    task: `base.TASK_IMPLICIT` (a logit, logistic loss) or `base.TASK_RATING`
+      (a rating, squared loss).
+    global_mean: Initial output bias of a rating head.
+    personal: One local user row instead of a user table (FedRecon).
+    init_stddev: Stddev of the embeddings' normal initializer.
+    seed: Initializer seed.
+
+  Returns:
+    A `base.RecModel`; with `personal` the user embeddings are its local
+    part, otherwise every layer is global.
+  """
   _check_task(task)
   layers = _check_layers(layers)
   inputs = base.model_inputs()
@@ -208,7 +242,25 @@ def build_neumf(
     init_stddev: float = 0.01,
     seed: int = 0,
 ) -> base.RecModel:
-  """NeuMF: Dense(1) over concat(GMF vector, last MLP layer)."""
+  """NeuMF: Dense(1) over concat(GMF vector, last MLP layer).
+
+  Args:
+    num_users: Rows of the user table(s) (ignored with `personal`).
+    num_items: Rows of the item table(s).
+    factors: GMF embedding size.
+    layers: Sizes of the MLP tower; the first is the concatenated embeddings.
+    l2: L2 on the looked-up embedding rows.
+    task: `base.TASK_IMPLICIT` (a logit, logistic loss) or `base.TASK_RATING`
+      (a rating, squared loss).
+    global_mean: Initial output bias of a rating head.
+    personal: One local user row instead of a user table (FedRecon).
+    init_stddev: Stddev of the embeddings' normal initializer.
+    seed: Initializer seed.
+
+  Returns:
+    A `base.RecModel`; with `personal` the user embeddings are its local
+    part, otherwise every layer is global.
+  """
   _check_task(task)
   layers = _check_layers(layers)
   inputs = base.model_inputs()
@@ -291,6 +343,23 @@ def build_ncf_softmax_rating(
   the tutorial's objective (softmax cross-entropy on the rating class) needs
   the logits: use `rating_logits_model` and `rating_to_class`.
   Embeddings start uniform in [-init_scale, init_scale] (Keras' default).
+
+  Args:
+    num_users: Rows of the user tables (ignored with `personal`).
+    num_items: Rows of the item tables.
+    mf_dim: Size of the MF embeddings.
+    mlp_dim: Size of each MLP embedding.
+    rating_values: The rating classes, in order.
+    l2: L2 on the looked-up embedding rows.
+    personal: One local user row instead of user tables (FedRecon).
+    init_scale: Half-width of the uniform initializer.
+    seed: Initializer seed.
+
+  Returns:
+    A `base.RecModel` whose output is the expected rating.
+
+  Raises:
+    ValueError: Fewer than two rating values.
   """
   if len(rating_values) < 2:
     raise ValueError(f'rating_values needs at least 2 values, got {rating_values}')

@@ -46,7 +46,23 @@ def hparam_names(name: str) -> tuple[str, ...]:
 
 def build_model(name: str, num_users: int, num_items: int, *, personal: bool = False,
                 seed: int = 0, **hparams: Any) -> base.RecModel:
-  """Builds the model `name`; unknown names or hyperparameters raise ValueError."""
+  """Builds the registry model `name`.
+
+  Args:
+    name: One of `MODEL_NAMES`.
+    num_users: Users (rows of a user table).
+    num_items: Items (rows of the item table).
+    personal: One local user row instead of a user table (FedRecon).
+    seed: Initializer seed.
+    **hparams: The builder's hyperparameters (`hparam_names(name)`).
+
+  Returns:
+    The model's `base.RecModel`.
+
+  Raises:
+    ValueError: An unknown name, or a hyperparameter the model does not have
+      (the message lists the valid ones).
+  """
   _check_name(name)
   valid = hparam_names(name)
   unknown = sorted(set(hparams) - set(valid))

@@ -56,7 +56,24 @@ def build_two_tower(
     init_stddev: float = 0.05,
     seed: int = 0,
 ) -> base.RecModel:
-  """Two towers (embedding -> dense layers) joined by a dot product (a logit)."""
+  """Two towers (embedding -> dense layers) joined by a dot product (a logit).
+
+  Args:
+    num_users: Rows of the user table (ignored with `personal`).
+    num_items: Rows of the item table.
+    embedding_dim: Size of both embeddings.
+    user_layers: Dense layers of the user tower (empty: the embedding itself).
+    item_layers: Dense layers of the item tower; the towers' last sizes must
+      agree.
+    l2: L2 on the looked-up embedding rows.
+    personal: One local user row instead of a user table (FedRecon).
+    init_stddev: Stddev of the embeddings' normal initializer.
+    seed: Initializer seed.
+
+  Returns:
+    A `base.RecModel` for implicit feedback; with `personal` the user tower
+    is its local part, otherwise every layer is global.
+  """
   user_dim = user_layers[-1] if user_layers else embedding_dim
   item_dim = item_layers[-1] if item_layers else embedding_dim
   if user_dim != item_dim:
