@@ -11,13 +11,11 @@ See privacy/federated_dp.py for what the guarantee covers.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from absl import app
 from absl import flags
 
-from privacy import accounting
 from privacy import dp_aggregators
 from privacy import federated_dp
 
@@ -119,42 +117,10 @@ def dp_config_from_flags(flag_values: flags.FlagValues = FLAGS) -> dp_aggregator
 
 def prepare_dp_for_run(dp_config: dp_aggregators.DpConfig, config: Any,
                        split: Any) -> tuple[Any, federated_dp.DpSetup]:
-  """(config, DpSetup) for a FederatedConfig and its split; UsageError if refused.
+  """`run_setup.prepare_dp` for the flags; UsageError naming the flag if refused."""
+  from experiments import run_setup  # pylint: disable=g-import-not-at-top
 
-  With DP the returned config has `algorithm.row_sparse_mean=False` (the DP
-  aggregator replaces the default one; recorded so hparams.json is truthful).
-  When the mode needs secure sums ('ddp'), `setup.needs_secure_context` is
-  set: run with `ExecutionConfig(secure_intrinsics=True)`.
-  """
-  from tff_rec.training import algorithms  # pylint: disable=g-import-not-at-top
-
-  if not dp_config.enabled:
-    return config, federated_dp.prepare_dp(
-        dp_config, clients_per_round=config.clients_per_round, population=1,
-        total_rounds=config.total_rounds, sampling=config.sampling,
-        weighting=config.algorithm.weighting, user_embedding=None)
-  user_embedding = algorithms.default_user_embedding(config.algorithm.name, split.heldout_users)
-  population = len(split.train.present_users())
   try:
-    setup = federated_dp.prepare_dp(
-        dp_config,
-        clients_per_round=config.clients_per_round,
-        population=population,
-        total_rounds=config.total_rounds,
-        sampling=config.sampling,
-        weighting=config.algorithm.weighting,
-        user_embedding=user_embedding,
-    )
-  except accounting.BudgetExceededError as e:
-    raise app.UsageError(
-        f'--target_epsilon={dp_config.target_epsilon} with --total_rounds='
-        f'{config.total_rounds}: {e} (use --dp_on_budget=stop to run only those rounds, '
-        'or raise --dp_noise_multiplier)') from e
-  except ValueError as e:
-    message = str(e)
-    if not message.startswith('--'):
-      message = f'--dp={dp_config.mode}: {message}'
-    raise app.UsageError(message) from e
-  config = dataclasses.replace(
-      config, algorithm=dataclasses.replace(config.algorithm, row_sparse_mean=False))
-  return config, setup
+    return run_setup.prepare_dp(dp_config, config, split)
+  except run_setup.RunSetupError as e:
+    raise app.UsageError(str(e)) from e

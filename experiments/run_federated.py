@@ -10,7 +10,6 @@ model under --root_output_dir/--experiment_name.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Sequence
 
 from absl import app
@@ -19,8 +18,8 @@ from absl import logging
 
 from experiments import common_flags
 from experiments import dp_flags
+from experiments import run_setup
 from compression import comm
-from privacy import dp_aggregators
 from tff_rec import runtime
 from tff_rec.data import errors
 from tff_rec.training import algorithms
@@ -28,7 +27,6 @@ from tff_rec.training import data_setup
 from tff_rec.training import evaluation
 from tff_rec.training import execution as execution_lib
 from tff_rec.training import experiment
-from tff_rec.training import model_fns
 from tff_rec.training import sampling
 
 FLAGS = flags.FLAGS
@@ -188,42 +186,14 @@ def execution_from_flags() -> execution_lib.ExecutionConfig:
 def prepare_run(config: experiment.FederatedConfig, execution: execution_lib.ExecutionConfig, split,
                 dp_config, compression: str, compression_threshold: int
                 ) -> tuple[experiment.FederatedConfig, execution_lib.ExecutionConfig, dict]:
-  """DP, compression and byte counting for a run; UsageError if refused.
-
-  Returns the (possibly adjusted) config and execution, and the keyword
-  arguments for `experiment.run_federated`.
-  """
-  common_flags.check_population(config.clients_per_round, split)
-  if config.algorithm.reconstruction == 'closed_form':
-    try:
-      model_fns.closed_form_ridge(experiment.model_spec(config, split))
-    except ValueError as e:
-      raise app.UsageError(f'--reconstruction=closed_form with --model={config.model.name}: {e}') from e
-  config, dp = dp_flags.prepare_dp_for_run(dp_config, config, split)
-  if dp.needs_secure_context:
-    execution = dataclasses.replace(execution, secure_intrinsics=True)
-  weighted = not config.algorithm.uniform
-  dp_kwargs = {'dp_factory': dp.aggregator}
-  if (compression != 'none' and dp_config.enabled and dp_config.mode in dp_aggregators.QUERY_MODES
-      and not dp_config.zeroing):
-    # Quantized transport inside the DP clip (see compression.comm).
-    dp_kwargs = {'dp_query': dp_aggregators.build_query(dp.config, config.clients_per_round)}
+  """`run_setup.prepare_run` for the flags; UsageError naming the flag if refused."""
   try:
-    aggregator = comm.build_compression_aggregator(
-        compression, weighted=weighted, threshold=compression_threshold, **dp_kwargs)
-  except ValueError as e:
-    raise app.UsageError(f'--compression={compression}: {e}') from e
-  spec = experiment.model_spec(config, split)
-  user_embedding = algorithms.default_user_embedding(config.algorithm.name, split.heldout_users)
-  stats = comm.aggregator_comm_stats(aggregator, spec, user_embedding, weighted=weighted,
-                                     row_sparse_mean=config.algorithm.row_sparse_mean)
-  extra = comm.combine_metrics_fns(dp.extra_metrics_fn,
-                                   comm.comm_metrics_fn(stats, config.clients_per_round))
-  return config, execution, dict(
-      split=split, model_aggregator=aggregator, extra_metrics_fn=extra,
-      total_rounds=dp.total_rounds,
-      hparams_extra={'dp': dp.report(), 'compression': {'mode': compression,
-                                                        'threshold': compression_threshold}})
+    prepared = run_setup.prepare_run(config, execution, split, dp_config=dp_config,
+                                     compression=compression,
+                                     compression_threshold=compression_threshold)
+  except run_setup.RunSetupError as e:
+    raise app.UsageError(str(e)) from e
+  return prepared.config, prepared.execution, prepared.run_kwargs
 
 
 def main(argv: Sequence[str]) -> None:

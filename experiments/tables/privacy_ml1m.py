@@ -13,13 +13,14 @@ from typing import Optional
 
 import numpy as np
 
+from experiments import run_setup
 from experiments.tables import common
 from experiments.tables import fedrecon_ml1m
 from experiments.tables import harness
 from experiments.tables import shared
 from tff_rec.data import splits as splits_lib
-from tff_rec.training import algorithms
 from tff_rec.training import data_setup
+from tff_rec.training import execution as execution_lib
 from tff_rec.training import experiment
 from tff_rec.training import local_recon
 
@@ -189,26 +190,26 @@ def _pv_federated(s: _PvSetting, row: _DpRow, cfg: experiment.FederatedConfig,
                   ctx: harness.CellContext) -> dict:
   from privacy import audit  # pylint: disable=g-import-not-at-top
   from privacy import dp_aggregators  # pylint: disable=g-import-not-at-top
-  from privacy import federated_dp  # pylint: disable=g-import-not-at-top
   from tff_rec.training import artifacts  # pylint: disable=g-import-not-at-top
 
   split = shared.by_user_split(ctx, s.max_users, cfg.seed, s.val_fraction)
-  kwargs, out = {}, {}
+  out = {}
+  dp_config = dp_aggregators.DpConfig()
   if row.mode != 'none':
     dp_config = dp_aggregators.DpConfig(mode=row.mode, noise_multiplier=row.noise_multiplier,
                                         clip=row.clip)
-    user_embedding = algorithms.default_user_embedding(cfg.algorithm.name, split.heldout_users)
-    dp = federated_dp.prepare_dp(
-        dp_config, clients_per_round=cfg.clients_per_round,
-        population=len(split.train.present_users()), total_rounds=cfg.total_rounds,
-        sampling=cfg.sampling, weighting=cfg.algorithm.weighting, user_embedding=user_embedding)
-    cfg = dataclasses.replace(cfg, algorithm=dataclasses.replace(cfg.algorithm,
-                                                                 row_sparse_mean=False))
-    kwargs = dict(model_aggregator=dp.aggregator, extra_metrics_fn=dp.extra_metrics_fn,
-                  total_rounds=dp.total_rounds, hparams_extra={'dp': dp.report()})
+  # The same assembly as the federated binary (DP, secure context, byte counts).
+  prepared = run_setup.prepare_run(cfg, execution_lib.ExecutionConfig(), split,
+                                   dp_config=dp_config)
+  cfg, dp = prepared.config, prepared.dp
+  if row.mode != 'none':
     out.update(epsilon=float(dp.epsilon_after(dp.total_rounds)), delta=float(dp.delta))
-  result = common.run_federated(ctx, cfg, split,
-                                checkpoint_every=fedrecon_ml1m.fr_checkpoint_every(fedrecon_ml1m.fr_settings(False)[1]), **kwargs)
+  kwargs = dict(prepared.run_kwargs)
+  del kwargs['split']
+  result = common.run_federated(
+      ctx, cfg, split,
+      checkpoint_every=fedrecon_ml1m.fr_checkpoint_every(fedrecon_ml1m.fr_settings(False)[1]),
+      secure_intrinsics=prepared.execution.secure_intrinsics, **kwargs)
   # FedAvg: the shared-row model on the same query halves (its fine-tuning evaluation's
   # baseline), as FedRecon is scored.
   m = result.test_metrics
