@@ -85,7 +85,7 @@ class Algorithm:
 
 ALGORITHMS = (
     Algorithm('fedavg', 'fedavg', 'table'),
-    Algorithm('fedrecon_gradient', 'fedrecon', 'local'),
+    Algorithm('fedrecon', 'fedrecon', 'local'),  # gradient reconstruction (the default)
     Algorithm('fedrecon_closed_form', 'fedrecon', 'local', reconstruction='closed_form'),
     Algorithm('dp_fedavg', 'fedavg', 'shared', dp=True),
     Algorithm('dp_fedrecon', 'fedrecon', 'local', dp=True),
