@@ -46,7 +46,6 @@ from typing import Optional, Sequence
 
 from absl import app
 from absl import flags
-from absl import logging
 import numpy as np
 import tensorflow as tf
 
@@ -61,46 +60,49 @@ from tff_rec import version
 from tff_rec.data import sources
 from tff_rec.data import splits
 from tff_rec.export import serving
+from tff_rec.models import predictions as predictions_lib
 from tff_rec.training import artifacts
 from tff_rec.training import central
 from tff_rec.training import data_setup
 from tff_rec.training import experiment
 from tff_rec.training import optimizers
 
-_DATA_DIR = flags.DEFINE_string(
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string(
     'compression_data', os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                             'shared', 'data', 'ml-1m.zip'),
+                 'shared', 'data', 'ml-1m.zip'),
     'The MovieLens zip (or its directory).')
-_DATASET = flags.DEFINE_enum('compression_dataset', 'ml-1m', ['ml-1m', 'ml-100k'],
-                             'Which MovieLens --compression_data holds (ml-100k: smoke runs).')
-_OUTPUT_DIR = flags.DEFINE_string('compression_output_dir', 'runs/benchmarks/compression',
-                                  'Where the JSON and Markdown results go.')
-_EPOCHS = flags.DEFINE_integer('compression_epochs', 8, 'Central MF training epochs.')
-_EMBEDDING_DIM = flags.DEFINE_integer('compression_embedding_dim', 64, 'MF factors.')
-_SIZE_DIMS = flags.DEFINE_list(
+flags.DEFINE_enum('compression_dataset', 'ml-1m', ['ml-1m', 'ml-100k'],
+                  'Which MovieLens --compression_data holds (ml-100k: smoke runs).')
+flags.DEFINE_string('compression_output_dir', 'runs/benchmarks/compression',
+                    'Where the JSON and Markdown results go.')
+flags.DEFINE_integer('compression_epochs', 8, 'Central MF training epochs.')
+flags.DEFINE_integer('compression_embedding_dim', 64, 'MF factors.')
+flags.DEFINE_list(
     'compression_size_dims', ['32', '128'],
     'Further MF sizes measured for int8 and for pruning at --compression_prune_sparsity '
     '(empty: none).')
-_L2 = flags.DEFINE_float('compression_l2', 0.04, 'MF row L2.')
-_LEARNING_RATE = flags.DEFINE_float('compression_learning_rate', 0.002, 'Adam learning rate.')
-_BATCH_SIZE = flags.DEFINE_integer('compression_batch_size', 1024, 'Training batch size.')
-_PRUNE_SPARSITY = flags.DEFINE_float('compression_prune_sparsity', 0.8,
-                                     'The sparsity the pruning targets are read at.')
-_PRUNE_SPARSITIES = flags.DEFINE_list('compression_prune_sparsities', ['0.5', '0.6', '0.7', '0.8'],
-                                      'Sparsities measured (the target one is added).')
-_FINETUNE_EPOCHS = flags.DEFINE_integer('compression_finetune_epochs', 3, 'Pruning fine-tuning epochs.')
-_PRUNE_SCHEDULE = flags.DEFINE_enum('compression_prune_schedule', 'constant', list(pruning.SCHEDULES),
-                                    'TF-MOT sparsity schedule of the fine-tuned pruning rows.')
-_PRUNE_BASIS = flags.DEFINE_enum('compression_prune_basis', 'auto', list(rotation.BASES),
-                                 'Basis the MF tables are pruned in (compression.rotation).')
-_FINETUNE_L2 = flags.DEFINE_float('compression_finetune_l2', None,
-                                  "Row L2 while fine-tuning the pruned model (default: the model's).")
-_FED_ROUNDS = flags.DEFINE_integer('compression_federated_rounds', 20,
-                                   'Federated fine-tuning rounds after one-shot pruning (0: skip).')
-_FED_CLIENTS = flags.DEFINE_integer('compression_federated_clients', 100,
-                                    'Federated fine-tuning clients per round.')
-_REQUESTS = flags.DEFINE_integer('compression_latency_requests', 1000, 'Timed recommend requests.')
-_SEED = flags.DEFINE_integer('compression_seed', 0, 'Split and initialization seed.')
+flags.DEFINE_float('compression_l2', 0.04, 'MF row L2.')
+flags.DEFINE_float('compression_learning_rate', 0.002, 'Adam learning rate.')
+flags.DEFINE_integer('compression_batch_size', 1024, 'Training batch size.')
+flags.DEFINE_float('compression_prune_sparsity', 0.8,
+                   'The sparsity the pruning targets are read at.')
+flags.DEFINE_list('compression_prune_sparsities', ['0.5', '0.6', '0.7', '0.8'],
+                  'Sparsities measured (the target one is added).')
+flags.DEFINE_integer('compression_finetune_epochs', 3, 'Pruning fine-tuning epochs.')
+flags.DEFINE_enum('compression_prune_schedule', 'constant', list(pruning.SCHEDULES),
+                  'TF-MOT sparsity schedule of the fine-tuned pruning rows.')
+flags.DEFINE_enum('compression_prune_basis', 'auto', list(rotation.BASES),
+                  'Basis the MF tables are pruned in (compression.rotation).')
+flags.DEFINE_float('compression_finetune_l2', None,
+                   "Row L2 while fine-tuning the pruned model (default: the model's).")
+flags.DEFINE_integer('compression_federated_rounds', 20,
+                     'Federated fine-tuning rounds after one-shot pruning (0: skip).')
+flags.DEFINE_integer('compression_federated_clients', 100,
+                     'Federated fine-tuning clients per round.')
+flags.DEFINE_integer('compression_latency_requests', 1000, 'Timed recommend requests.')
+flags.DEFINE_integer('compression_seed', 0, 'Split and initialization seed.')
 
 TARGETS = {
     'int8_size_ratio_min': 3.5,
@@ -213,15 +215,16 @@ class _Measure:
     var_raw, var_gz = report.disk_bytes(os.path.join(exported.version_dir, 'variables'))
     predictions = report.predict_export(exported.version_dir, model_config, user_index,
                                         item_index, split.train, split.test)
-    err = predictions - split.test.ratings
+    # Served predictions (clipped by the export; tff_rec/models/predictions.py).
+    metrics = predictions_lib.rating_metrics(predictions, split.test.ratings)
     reference = predictions if reference is None else reference
     p50, p99 = report.recommend_latency(exported.version_dir, model_config, user_index,
                                         item_index, split.train, k=10,
                                         requests=self._config.requests, warmup=50,
                                         seed=self._config.seed)
     row = {'raw_bytes': raw, 'gzip_bytes': gz, 'variables_raw_bytes': var_raw,
-           'variables_gzip_bytes': var_gz, 'rmse': float(np.sqrt(np.mean(err ** 2))),
-           'mae': float(np.mean(np.abs(err))),
+           'variables_gzip_bytes': var_gz, 'rmse': metrics['rmse'],
+           'mae': metrics['mae'],
            'max_abs_diff_vs_float32': float(np.max(np.abs(predictions - reference))),
            'recommend_p50_ms': p50, 'recommend_p99_ms': p99}
     return row, predictions
@@ -420,26 +423,26 @@ def write(result: dict, output_dir: str) -> tuple[str, str]:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  if not os.path.exists(_DATA_DIR.value):
-    raise app.UsageError(f'--compression_data: {_DATA_DIR.value} not found')
+  if not os.path.exists(FLAGS.compression_data):
+    raise app.UsageError(f'--compression_data: {FLAGS.compression_data} not found')
   try:
     config = BenchmarkConfig(
-        data_dir=_DATA_DIR.value, dataset=_DATASET.value, epochs=_EPOCHS.value,
-        embedding_dim=_EMBEDDING_DIM.value, size_dims=tuple(int(d) for d in _SIZE_DIMS.value),
-        l2=_L2.value, learning_rate=_LEARNING_RATE.value, batch_size=_BATCH_SIZE.value,
-        prune_sparsity=_PRUNE_SPARSITY.value,
-        prune_sparsities=tuple(float(x) for x in _PRUNE_SPARSITIES.value),
-        finetune_epochs=_FINETUNE_EPOCHS.value, finetune_l2=_FINETUNE_L2.value,
-        prune_schedule=_PRUNE_SCHEDULE.value, prune_basis=_PRUNE_BASIS.value,
-        federated_rounds=_FED_ROUNDS.value, federated_clients=_FED_CLIENTS.value,
-        requests=_REQUESTS.value, seed=_SEED.value)
+        data_dir=FLAGS.compression_data, dataset=FLAGS.compression_dataset, epochs=FLAGS.compression_epochs,
+        embedding_dim=FLAGS.compression_embedding_dim, size_dims=tuple(int(d) for d in FLAGS.compression_size_dims),
+        l2=FLAGS.compression_l2, learning_rate=FLAGS.compression_learning_rate, batch_size=FLAGS.compression_batch_size,
+        prune_sparsity=FLAGS.compression_prune_sparsity,
+        prune_sparsities=tuple(float(x) for x in FLAGS.compression_prune_sparsities),
+        finetune_epochs=FLAGS.compression_finetune_epochs, finetune_l2=FLAGS.compression_finetune_l2,
+        prune_schedule=FLAGS.compression_prune_schedule, prune_basis=FLAGS.compression_prune_basis,
+        federated_rounds=FLAGS.compression_federated_rounds, federated_clients=FLAGS.compression_federated_clients,
+        requests=FLAGS.compression_latency_requests, seed=FLAGS.compression_seed)
   except ValueError as e:
     field = str(e).split()[0]
     flag = {'requests': 'latency_requests', 'prune_sparsity': 'prune_sparsity(ies)',
             'federated_clients': 'federated_clients'}.get(field, field)
     raise app.UsageError(f'--compression_{flag}: {e}') from e
   result = run(config)
-  json_path, md_path = write(result, _OUTPUT_DIR.value)
+  json_path, md_path = write(result, FLAGS.compression_output_dir)
   print(markdown(result))
   print(f'wrote {json_path} and {md_path}')
 

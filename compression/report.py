@@ -27,6 +27,7 @@ from tff_rec import atomic
 from tff_rec.data import ratings as ratings_lib
 from tff_rec.export import serving
 from tff_rec.models import metrics as metrics_lib
+from tff_rec.models import predictions
 
 
 @dataclasses.dataclass
@@ -142,18 +143,16 @@ def evaluate_export(
   """Test metrics of an exported model, computed through its signatures."""
   if model_config['task'] == 'rating':
     preds = predict_export(version_dir, model_config, user_index, item_index, train, test, batch_size)
-    return _rating_metrics(preds, test.ratings)
+    # The export's `prediction` is clipped to the rating scale (what a user is
+    # served; tff_rec/models/predictions.py), so these metrics are of clipped values.
+    m = predictions.rating_metrics(preds, test.ratings)
+    return {'rmse': m['rmse'], 'mae': m['mae']}
   if negatives is None or model_config['user_embedding'] == 'local':
     return {}
   predict = serving.load_signature(version_dir, serving.SERVING_DEFAULT)
   score = lambda u, i: _score_pairs(predict, user_index.raw_ids, item_index.raw_ids, u, i, batch_size)
   result = metrics_lib.hit_rate_and_ndcg_sampled(score, test.users, test.items, negatives, top_k)
   return {f'hr@{top_k}': result['hit_rate'], f'ndcg@{top_k}': result['ndcg']}
-
-
-def _rating_metrics(pred: np.ndarray, truth: np.ndarray) -> dict:
-  err = np.asarray(pred, np.float64) - np.asarray(truth, np.float64)
-  return {'rmse': float(np.sqrt(np.mean(err ** 2))), 'mae': float(np.mean(np.abs(err)))}
 
 
 def recommend_latency(

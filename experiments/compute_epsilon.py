@@ -17,7 +17,6 @@ See privacy/accounting.py for what the guarantee covers.
 """
 
 import math
-import os
 from typing import List, Optional, Sequence
 
 from absl import app
@@ -27,40 +26,42 @@ from experiments import common_flags
 from privacy import accounting
 from tff_rec import atomic
 
+FLAGS = flags.FLAGS
+
 # Users in the MovieLens releases (the population when one client = one user).
 DATASET_POPULATIONS = {'ml-100k': 943, 'ml-1m': 6040}
 
-_NOISE_MULTIPLIER = flags.DEFINE_float(
+flags.DEFINE_float(
     'noise_multiplier', None,
     'Noise std / clip norm. Omit (with --target_epsilon) to calibrate it.')
-_CLIENTS_PER_ROUND = flags.DEFINE_integer(
+flags.DEFINE_integer(
     'clients_per_round', None, 'Clients (users) per round; expected number for '
     'Poisson sampling.', lower_bound=1)
-_POPULATION = flags.DEFINE_integer(
+flags.DEFINE_integer(
     'population', None, 'Number of users. Wins over --dataset.', lower_bound=1)
-_DATASET = flags.DEFINE_enum(
+flags.DEFINE_enum(
     'dataset', None, sorted(DATASET_POPULATIONS),
     'Dataset whose user count is the population (if --population is unset).')
-_TOTAL_ROUNDS = flags.DEFINE_integer(
+flags.DEFINE_integer(
     'total_rounds', None, 'Planned number of training rounds.', lower_bound=1)
-_DELTA = flags.DEFINE_float(
+flags.DEFINE_float(
     'delta', None, 'Target delta; default 1 / population**1.1.')
-_SAMPLING = flags.DEFINE_enum(
+flags.DEFINE_enum(
     'sampling', 'poisson', list(accounting.SAMPLINGS),
     'Client sampling for --dp_mode=gaussian.')
-_ACCOUNTANT = flags.DEFINE_enum(
+flags.DEFINE_enum(
     'accountant', 'rdp', ['rdp', 'pld', 'both'], 'Privacy accountant.')
-_DP_MODE = flags.DEFINE_enum(
+flags.DEFINE_enum(
     'dp_mode', 'gaussian', ['gaussian', 'tree'],
     'gaussian: DP-FedAvg with sampling; tree: DP-FTRL tree aggregation.')
-_RESTART_ROUNDS = flags.DEFINE_integer(
+flags.DEFINE_integer(
     'restart_rounds', None, '--dp_mode=tree: restart the tree every this many '
     'rounds (a divisor of the epoch length); default once per epoch.',
     lower_bound=1)
-_TARGET_EPSILON = flags.DEFINE_float(
+flags.DEFINE_float(
     'target_epsilon', None, 'Privacy budget: without --noise_multiplier, '
     'calibrate it; with it, print the max rounds within the budget.')
-_OUTPUT_JSON = flags.DEFINE_string(
+flags.DEFINE_string(
     'output_json', None, 'Also write the result as JSON to this path.')
 
 
@@ -196,24 +197,24 @@ def write_json_atomic(path: str, record: dict) -> None:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  population = resolve_population(_POPULATION.value, _DATASET.value)
-  delta = (_DELTA.value if _DELTA.value is not None
+  population = resolve_population(FLAGS.population, FLAGS.dataset)
+  delta = (FLAGS.delta if FLAGS.delta is not None
            else accounting.default_delta(population))
   try:
     report = accounting.privacy_report(
-        _NOISE_MULTIPLIER.value, _CLIENTS_PER_ROUND.value, population,
-        _TOTAL_ROUNDS.value, delta, _SAMPLING.value,
-        accountant_list(_ACCOUNTANT.value), _DP_MODE.value,
-        _RESTART_ROUNDS.value, _TARGET_EPSILON.value)
+        FLAGS.noise_multiplier, FLAGS.clients_per_round, population,
+        FLAGS.total_rounds, delta, FLAGS.sampling,
+        accountant_list(FLAGS.accountant), FLAGS.dp_mode,
+        FLAGS.restart_rounds, FLAGS.target_epsilon)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
-  report['dataset'] = _DATASET.value if _POPULATION.value is None else None
-  report['delta_is_default'] = _DELTA.value is None
+  report['dataset'] = FLAGS.dataset if FLAGS.population is None else None
+  report['delta_is_default'] = FLAGS.delta is None
   for line in format_report(report):
     print(line)
-  if _OUTPUT_JSON.value:
-    write_json_atomic(_OUTPUT_JSON.value, report)
-    print(f'wrote {_OUTPUT_JSON.value}')
+  if FLAGS.output_json:
+    write_json_atomic(FLAGS.output_json, report)
+    print(f'wrote {FLAGS.output_json}')
 
 
 if __name__ == '__main__':

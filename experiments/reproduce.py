@@ -34,29 +34,29 @@ from experiments.tables import registry as tables
 
 FLAGS = flags.FLAGS
 
-_TABLE = flags.DEFINE_enum('table', None, list(tables.TABLES), 'Which table to reproduce.')
-_OUTPUT_DIR = flags.DEFINE_string('output_dir', None,
-                                  'Output folder (default results/<table>, or results/<table>/quick).')
+flags.DEFINE_enum('table', None, list(tables.TABLES), 'Which table to reproduce.')
+flags.DEFINE_string('output_dir', None,
+                    'Output folder (default results/<table>, or results/<table>/quick).')
 _DATA_DIR = common_flags.define_data_dir_flag(
     'Folder holding ml-100k.zip, ml-1m.zip and ncf-ml-1m.zip (e.g. ../shared/data).')
-_ML100K = flags.DEFINE_string('ml_100k', None, 'ML-100K zip or folder (overrides --data_dir).')
-_ML1M = flags.DEFINE_string('ml_1m', None, 'ML-1M zip or folder (overrides --data_dir).')
-_NCF = flags.DEFINE_string('ncf_ml_1m', None, 'NCF leave-one-out files, zip or folder '
-                           '(overrides --data_dir).')
-_SEEDS = flags.DEFINE_list('seeds', None, 'Seeds (repetitions). Default 0,1,2; with --quick, 0. '
-                           'central_baselines repeats over folds and uses the first seed.')
-_QUICK = flags.DEFINE_bool('quick', False, 'Smoke test: few users, rounds and epochs.')
-_MAX_ROUNDS = flags.DEFINE_integer('max_rounds', 100, 'Cap on federated rounds (0: no cap, e.g. '
-                                   'the 500 rounds of the FedRecon google-research baseline).')
-_MAX_EPOCHS = flags.DEFINE_integer('max_epochs', 0, 'Cap on the central epochs of the ncf_ml1m '
-                                   'table (0: no cap, the paper\'s 20).')
-_ROWS = flags.DEFINE_list('rows', [], 'Only the rows whose label contains one of these.')
-_PROGRESS = flags.DEFINE_bool('progress_bar', False, 'Progress bars of the training runs.')
-_ALLOW_SKIPPED = flags.DEFINE_bool(
+flags.DEFINE_string('ml_100k', None, 'ML-100K zip or folder (overrides --data_dir).')
+flags.DEFINE_string('ml_1m', None, 'ML-1M zip or folder (overrides --data_dir).')
+flags.DEFINE_string('ncf_ml_1m', None, 'NCF leave-one-out files, zip or folder '
+                    '(overrides --data_dir).')
+flags.DEFINE_list('seeds', None, 'Seeds (repetitions). Default 0,1,2; with --quick, 0. '
+                  'central_baselines repeats over folds and uses the first seed.')
+flags.DEFINE_bool('quick', False, 'Smoke test: few users, rounds and epochs.')
+flags.DEFINE_integer('max_rounds', 100, 'Cap on federated rounds (0: no cap, e.g. '
+                     'the 500 rounds of the FedRecon google-research baseline).')
+flags.DEFINE_integer('max_epochs', 0, 'Cap on the central epochs of the ncf_ml1m '
+                     'table (0: no cap, the paper\'s 20).')
+flags.DEFINE_list('rows', [], 'Only the rows whose label contains one of these.')
+flags.DEFINE_bool('progress_bar', False, 'Progress bars of the training runs.')
+flags.DEFINE_bool(
     'allow_skipped', False, 'Accept cells that cannot run (e.g. a missing optional module) in a '
     'draft: their rows are marked skipped with the reason. Without it such a cell fails the '
     'command (exit status 1).')
-_LIST = flags.DEFINE_bool('list_cells', False, 'Print the cells (and whether done) and exit.')
+flags.DEFINE_bool('list_cells', False, 'Print the cells (and whether done) and exit.')
 
 flags.mark_flag_as_required('table')
 
@@ -64,33 +64,33 @@ flags.mark_flag_as_required('table')
 def options_from_flags() -> harness.RunOptions:
   """Validated run options; app.UsageError naming the flag."""
   try:
-    seeds = tuple(int(s) for s in _SEEDS.value) if _SEEDS.value is not None else None
+    seeds = tuple(int(s) for s in FLAGS.seeds) if FLAGS.seeds is not None else None
   except ValueError as e:
-    raise app.UsageError(f'--seeds must be integers, got {_SEEDS.value}') from e
+    raise app.UsageError(f'--seeds must be integers, got {FLAGS.seeds}') from e
   if seeds is not None and (not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0):
-    raise app.UsageError(f'--seeds must be distinct non-negative integers, got {_SEEDS.value}')
-  table = tables.get(_TABLE.value)
+    raise app.UsageError(f'--seeds must be distinct non-negative integers, got {FLAGS.seeds}')
+  table = tables.get(FLAGS.table)
   if seeds is None:
-    seeds = table.default_quick_seeds if _QUICK.value else (0, 1, 2)
-  if _MAX_ROUNDS.value < 0:
-    raise app.UsageError(f'--max_rounds must be >= 0, got {_MAX_ROUNDS.value}')
-  if _MAX_EPOCHS.value < 0:
-    raise app.UsageError(f'--max_epochs must be >= 0, got {_MAX_EPOCHS.value}')
+    seeds = table.default_quick_seeds if FLAGS.quick else (0, 1, 2)
+  if FLAGS.max_rounds < 0:
+    raise app.UsageError(f'--max_rounds must be >= 0, got {FLAGS.max_rounds}')
+  if FLAGS.max_epochs < 0:
+    raise app.UsageError(f'--max_epochs must be >= 0, got {FLAGS.max_epochs}')
   paths = {}
-  for flag, name in ((_ML100K, common.ML100K), (_ML1M, common.ML1M), (_NCF, common.NCF_ML1M)):
+  for flag, name in ((FLAGS['ml_100k'], common.ML100K), (FLAGS['ml_1m'], common.ML1M), (FLAGS['ncf_ml_1m'], common.NCF_ML1M)):
     if flag.value:
       if not os.path.exists(flag.value):
         raise app.UsageError(f'--{flag.name}={flag.value} does not exist')
       paths[name] = flag.value
   if _DATA_DIR.value and not os.path.isdir(_DATA_DIR.value):
     raise app.UsageError(f'--data_dir={_DATA_DIR.value} is not a folder')
-  output_dir = _OUTPUT_DIR.value or os.path.join(
-      'results', _TABLE.value, *(['quick'] if _QUICK.value else []))
+  output_dir = FLAGS.output_dir or os.path.join(
+      'results', FLAGS.table, *(['quick'] if FLAGS.quick else []))
   return harness.RunOptions(
-      output_dir=output_dir, seeds=seeds, quick=_QUICK.value,
-      max_rounds=_MAX_ROUNDS.value or None, max_epochs=_MAX_EPOCHS.value or None,
+      output_dir=output_dir, seeds=seeds, quick=FLAGS.quick,
+      max_rounds=FLAGS.max_rounds or None, max_epochs=FLAGS.max_epochs or None,
       data_dir=_DATA_DIR.value, data_paths=paths,
-      rows=tuple(_ROWS.value), progress_bar=_PROGRESS.value, allow_skipped=_ALLOW_SKIPPED.value)
+      rows=tuple(FLAGS.rows), progress_bar=FLAGS.progress_bar, allow_skipped=FLAGS.allow_skipped)
 
 
 def flag_values() -> dict:
@@ -111,8 +111,8 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   common_flags.quiet_logging()
   options = options_from_flags()
-  table = tables.get(_TABLE.value)
-  if _LIST.value:
+  table = tables.get(FLAGS.table)
+  if FLAGS.list_cells:
     list_cells(table, options)
     return
   run = harness.run_table(table, options, describe_data=common.data_sources)

@@ -30,35 +30,37 @@ from tff_rec.data import errors
 from tff_rec.data import sources
 from tff_rec.data import splits
 
-_DATASET = flags.DEFINE_enum('dataset', 'ml-1m', ['ml-100k', 'ml-1m'], 'MovieLens release.')
+FLAGS = flags.FLAGS
+
+flags.DEFINE_enum('dataset', 'ml-1m', ['ml-100k', 'ml-1m'], 'MovieLens release.')
 _DATA_DIR = common_flags.define_data_dir_flag('Folder (or .zip) holding the MovieLens data.')
-_TEST_FRACTION = flags.DEFINE_float('test_fraction', 0.2, 'Random test fraction of the ratings.')
-_SEED = flags.DEFINE_integer('seed', 0, 'Seed for the split, initialization and sampling.')
-_NOISE = flags.DEFINE_float('noise_multiplier', 0.55, 'Noise std / clip norm; 0: non-private.')
-_CLIP = flags.DEFINE_float('l2_norm_clip', 5.0, 'Per-unit gradient clip norm.')
-_LR = flags.DEFINE_float('learning_rate', 0.01, 'Adam learning rate.')
-_BATCH = flags.DEFINE_integer('batch_size', 10000, 'Expected units (ratings or users) per step.')
-_EPOCHS = flags.DEFINE_integer('epochs', 20, 'Epochs of floor(units / batch_size) steps.')
-_DELTA = flags.DEFINE_float('delta', 1e-6, 'Target delta.')
-_UNIT = flags.DEFINE_enum('unit', 'example', list(dpsgd.UNITS),
-                          'Unit of privacy: one rating (the paper) or one user.')
-_OUTPUT_DIR = flags.DEFINE_string('output_dir', 'runs/dpsgd', 'Where result.json/.md go.')
+flags.DEFINE_float('test_fraction', 0.2, 'Random test fraction of the ratings.')
+flags.DEFINE_integer('seed', 0, 'Seed for the split, initialization and sampling.')
+flags.DEFINE_float('noise_multiplier', 0.55, 'Noise std / clip norm; 0: non-private.')
+flags.DEFINE_float('l2_norm_clip', 5.0, 'Per-unit gradient clip norm.')
+flags.DEFINE_float('learning_rate', 0.01, 'Adam learning rate.')
+flags.DEFINE_integer('batch_size', 10000, 'Expected units (ratings or users) per step.')
+flags.DEFINE_integer('epochs', 20, 'Epochs of floor(units / batch_size) steps.')
+flags.DEFINE_float('delta', 1e-6, 'Target delta.')
+flags.DEFINE_enum('unit', 'example', list(dpsgd.UNITS),
+                  'Unit of privacy: one rating (the paper) or one user.')
+flags.DEFINE_string('output_dir', 'runs/dpsgd', 'Where result.json/.md go.')
 
 
 def config_from_flags() -> dpsgd.DpSgdConfig:
   """The run config; app.UsageError naming the flag for invalid values."""
-  if not 0 < _TEST_FRACTION.value < 1:
-    raise app.UsageError(f'--test_fraction must be in (0, 1), got {_TEST_FRACTION.value}')
+  if not 0 < FLAGS.test_fraction < 1:
+    raise app.UsageError(f'--test_fraction must be in (0, 1), got {FLAGS.test_fraction}')
   try:
     return dpsgd.DpSgdConfig(
-        noise_multiplier=_NOISE.value,
-        l2_norm_clip=_CLIP.value,
-        learning_rate=_LR.value,
-        batch_size=_BATCH.value,
-        epochs=_EPOCHS.value,
-        delta=_DELTA.value,
-        unit=_UNIT.value,
-        seed=_SEED.value,
+        noise_multiplier=FLAGS.noise_multiplier,
+        l2_norm_clip=FLAGS.l2_norm_clip,
+        learning_rate=FLAGS.learning_rate,
+        batch_size=FLAGS.batch_size,
+        epochs=FLAGS.epochs,
+        delta=FLAGS.delta,
+        unit=FLAGS.unit,
+        seed=FLAGS.seed,
     )
   except ValueError as e:
     name = str(e).split(' ')[0]
@@ -96,11 +98,11 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   config = config_from_flags()
-  result = run(config, _DATASET.value, _DATA_DIR.value, _TEST_FRACTION.value, _OUTPUT_DIR.value)
+  result = run(config, FLAGS.dataset, _DATA_DIR.value, FLAGS.test_fraction, FLAGS.output_dir)
   p = result.privacy
   print(f'test RMSE {result.test_rmse:.4f}; epsilon rdp {p["epsilon_rdp"]:.3f}, '
         f'pld {p["epsilon_pld"]:.3f}, clt {p["epsilon_clt"]} at delta {config.delta:g} '
-        f'({result.seconds:.0f}s); wrote {_OUTPUT_DIR.value}/result.json')
+        f'({result.seconds:.0f}s); wrote {FLAGS.output_dir}/result.json')
 
 
 if __name__ == '__main__':

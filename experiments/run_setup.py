@@ -45,12 +45,14 @@ class PreparedRun:
       two configs (split, aggregator, per-round metrics, round budget,
       hparams extras).
     dp: The DP set-up (accountant, ε after any round); mode 'none' without DP.
+    comm: Bytes up and down per client and round (`comm.CommStats`).
   """
 
   config: experiment.FederatedConfig
   execution: execution_lib.ExecutionConfig
   run_kwargs: dict
   dp: federated_dp.DpSetup
+  comm: comm.CommStats
 
 
 def prepare_dp(dp_config: dp_aggregators.DpConfig, config: experiment.FederatedConfig,
@@ -111,6 +113,8 @@ def prepare_run(
     dp_config: dp_aggregators.DpConfig = dp_aggregators.DpConfig(),
     compression: str = 'none',
     compression_threshold: int = comm.DEFAULT_THRESHOLD,
+    compression_zeroing: bool = True,
+    compression_clipping: bool = True,
 ) -> PreparedRun:
   """Everything a federated run needs besides its configs.
 
@@ -122,6 +126,9 @@ def prepare_run(
     dp_config: User-level DP (default: none).
     compression: Upload compression (`comm.MODES`).
     compression_threshold: Tensors with fewer elements are not compressed.
+    compression_zeroing: TFF's adaptive zeroing around a compressed mean.
+    compression_clipping: TFF's adaptive L2 clipping around a compressed mean
+      (without DP; DP clips by its own rule).
 
   Returns:
     A `PreparedRun`: run it with
@@ -153,7 +160,8 @@ def prepare_run(
     dp_kwargs = {'dp_query': dp_aggregators.build_query(dp.config, config.clients_per_round)}
   try:
     aggregator = comm.build_compression_aggregator(
-        compression, weighted=weighted, threshold=compression_threshold, **dp_kwargs)
+        compression, weighted=weighted, threshold=compression_threshold,
+        zeroing=compression_zeroing, clipping=compression_clipping, **dp_kwargs)
   except ValueError as e:
     raise RunSetupError(f'--compression={compression}: {e}') from e
   spec = experiment.model_spec(config, split)
@@ -162,9 +170,12 @@ def prepare_run(
                                      row_sparse_mean=config.algorithm.row_sparse_mean)
   extra = comm.combine_metrics_fns(dp.extra_metrics_fn,
                                    comm.comm_metrics_fn(stats, config.clients_per_round))
+  compression_record = {'mode': compression, 'threshold': compression_threshold}
+  if compression != 'none' and not dp_config.enabled:
+    # TFF's adaptive zeroing / clipping around the compressed mean (DP clips by its own rule).
+    compression_record.update(zeroing=compression_zeroing, clipping=compression_clipping)
   kwargs = dict(
       split=split, model_aggregator=aggregator, extra_metrics_fn=extra,
       total_rounds=dp.total_rounds,
-      hparams_extra={'dp': dp.report(), 'compression': {'mode': compression,
-                                                        'threshold': compression_threshold}})
-  return PreparedRun(config, execution, kwargs, dp)
+      hparams_extra={'dp': dp.report(), 'compression': compression_record})
+  return PreparedRun(config, execution, kwargs, dp, stats)

@@ -56,6 +56,7 @@ from tff_rec.data import errors
 from tff_rec.data import ratings as ratings_lib
 from tff_rec.models import base
 from tff_rec.models import neumf
+from tff_rec.models import predictions
 
 UNITS = ('example', 'user')
 RATING_VALUES = (1.0, 2.0, 3.0, 4.0, 5.0)
@@ -221,7 +222,7 @@ def rmse(rec, r: ratings_lib.Ratings, batch_size: int = 65536) -> float:
   if r.num_ratings == 0:
     raise ValueError(f'{r.name}: no ratings to evaluate')
   pred = predict_ratings(rec, r, batch_size)
-  return float(np.sqrt(np.mean((pred - r.ratings) ** 2)))
+  return predictions.rating_metrics(pred, r.ratings)['rmse']
 
 
 # ---------------------------------------------------------------------------

@@ -129,5 +129,33 @@ def test_public_builders_document_their_arguments():
   assert not missing, 'public builders without Args/Returns docs:\n' + '\n'.join(missing)
 
 
+def _flag_definitions(tree):
+  """(line, assigned?) of each `flags.DEFINE_*` call at any depth."""
+  assigned = set()
+  for node in ast.walk(tree):
+    if isinstance(node, (ast.Assign, ast.AnnAssign)) and isinstance(node.value, ast.Call):
+      assigned.add(id(node.value))
+  for node in ast.walk(tree):
+    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+        and node.func.attr.startswith('DEFINE_') and isinstance(node.func.value, ast.Name)
+        and node.func.value.id == 'flags'):
+      yield node.lineno, id(node) in assigned
+
+
+def test_one_flag_style_and_no_flags_in_the_library():
+  """Binaries define flags as `flags.DEFINE_*(...)` read through `FLAGS.name`; the library has none."""
+  problems = []
+  for rel, _ in _modules():
+    with open(os.path.join(shared_data.REPO_ROOT, rel)) as f:
+      tree = ast.parse(f.read(), rel)
+    for line, assigned in _flag_definitions(tree):
+      if rel.startswith(('tff_rec', 'privacy', 'compression')):
+        problems.append(f'{rel}:{line}: a flag in the library (flags belong to binaries)')
+      elif assigned:
+        problems.append(f'{rel}:{line}: a FlagHolder (`_X = flags.DEFINE_...`); use '
+                        '`flags.DEFINE_...(...)` and `FLAGS.name`')
+  assert not problems, '\n'.join(problems)
+
+
 if __name__ == '__main__':
   sys.exit(pytest.main([__file__, '-q']))

@@ -14,8 +14,9 @@ from tff_rec.data import ncf
 from tff_rec.data import ratings as ratings_lib
 from tff_rec.data import sources
 from tff_rec.data import splits as splits_lib
+from experiments import run_setup
 from experiments.tables import harness
-from tff_rec.training import local_recon
+from tff_rec.models import predictions
 from tff_rec.training import central
 from tff_rec.training import execution as execution_lib
 from tff_rec.training import experiment
@@ -110,7 +111,7 @@ def kfold_split(ratings: ratings_lib.Ratings, k: int, fold: int, seed: int) -> s
 def global_mean_metrics(train: ratings_lib.Ratings, test: ratings_lib.Ratings) -> dict:
   """The trivial rating predictor: the training mean for every test rating."""
   pred = np.full(test.num_ratings, train.global_mean(), np.float64)
-  return local_recon.rating_metrics(pred, test.ratings)
+  return predictions.rating_metrics(pred, test.ratings)
 
 
 def popularity_metrics(split: splits_lib.Split, top_k: int = 10) -> dict:
@@ -153,14 +154,28 @@ def federated_run_dir(ctx: harness.CellContext, rounds: int) -> str:
 
 def run_federated(ctx: harness.CellContext, config: experiment.FederatedConfig,
                   split: splits_lib.Split, *, checkpoint_every: int = 1,
-                  secure_intrinsics: bool = False, **kwargs) -> experiment.RunResult:
-  """`experiment.run_federated` in the cell's (resumable) run directory."""
+                  **setup) -> tuple[experiment.RunResult, run_setup.PreparedRun]:
+  """A federated cell, assembled as the federated binary does, in its resumable directory.
+
+  Args:
+    ctx: The cell.
+    config: The run's result configuration.
+    split: Its split.
+    checkpoint_every: Rounds between checkpoints.
+    **setup: DP and compression choices of `run_setup.prepare_run`
+      (`dp_config`, `compression`, ...); none by default.
+
+  Returns:
+    (result, prepared): the run's result, and the assembly it ran (its
+    adjusted config, DP set-up and byte counts).
+  """
   run_dir = federated_run_dir(ctx, config.total_rounds)
   execution = execution_lib.ExecutionConfig(
       root_output_dir=os.path.dirname(run_dir), experiment_name=os.path.basename(run_dir),
-      progress_bar=ctx.options.progress_bar, checkpoint_every=checkpoint_every,
-      secure_intrinsics=secure_intrinsics)
-  return experiment.run_federated(config, execution, split=split, **kwargs)
+      progress_bar=ctx.options.progress_bar, checkpoint_every=checkpoint_every)
+  prepared = run_setup.prepare_run(config, execution, split, **setup)
+  return experiment.run_federated(prepared.config, prepared.execution,
+                                  **prepared.run_kwargs), prepared
 
 
 def run_central(ctx: harness.CellContext, config: central.CentralConfig,

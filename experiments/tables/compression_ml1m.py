@@ -20,7 +20,7 @@ from experiments.tables import fedrecon_ml1m
 from experiments.tables import harness
 from experiments.tables import shared
 from tff_rec.data import splits as splits_lib
-from tff_rec.training import algorithms
+from tff_rec.models import predictions
 from tff_rec.training import central
 from tff_rec.training import data_setup
 from tff_rec.training import experiment
@@ -99,7 +99,8 @@ def compression_table() -> harness.TableSpec:
     for seed in options.seeds:
       base = dict(seed=seed, **dataclasses.asdict(s))
       cells.append(shared.Cell(f'size-s{seed}', (CP_TRIVIAL,) + tuple(_size_rows()), CP_SIZE, seed,
-                        dict(base, model=_cp_model_config(s, seed)),
+                        dict(base, model=_cp_model_config(s, seed),
+                             rating_metrics=predictions.RULE),
                         functools.partial(_cp_size, s, seed)))
       cells.append(shared.Cell(f'comm-trivial-s{seed}', (CP_TRIVIAL,), CP_COMM, seed, base,
                         functools.partial(_cp_comm_trivial, s, seed)))
@@ -178,12 +179,12 @@ def _cp_size(s: _CpSetting, seed: int, ctx: harness.CellContext) -> dict:
       optimizer=shared.ADAM(0.003), epochs=s.central_epochs, batch_size=1024, seed=seed)
   trained = common.run_central(ctx, cfg, split)
   test = split.test
-  scale = test.rating_scale
 
   def measure(model, stored=None) -> dict:
     stored = stored or model
-    pred = np.clip(local_recon.predict(stored, test.users, test.items), *scale)
-    m = common.pick(local_recon.rating_metrics(pred, test.ratings))
+    # Unclipped, as every rating metric (tff_rec/models/predictions.py).
+    m = common.pick(predictions.rating_metrics(
+        predictions.predict(stored, test.users, test.items), test.ratings))
     raw, gz = _weights_size(stored, report)
     params, nonzero = report.param_counts(model)
     m.update(size_bytes=raw, gzip_bytes=gz, params=params, nonzero_params=nonzero)
@@ -229,18 +230,12 @@ def _cp_comm_trivial(s: _CpSetting, seed: int, ctx: harness.CellContext) -> dict
 
 def _cp_comm(s: _CpSetting, cfg: experiment.FederatedConfig, mode: str, clip: bool, label: str,
              ctx: harness.CellContext) -> dict:
-  _, _, comm, _ = compression_modules()
   split = shared.by_user_split(ctx, s.fed_max_users, cfg.seed, s.val_fraction)
-  weighted = not cfg.algorithm.uniform
-  aggregator = comm.build_compression_aggregator(mode, weighted=weighted, zeroing=clip,
-                                                 clipping=clip)
-  spec = experiment.model_spec(cfg, split)
-  user_embedding = algorithms.default_user_embedding(cfg.algorithm.name, split.heldout_users)
-  stats = comm.aggregator_comm_stats(aggregator, spec, user_embedding, weighted=weighted)
-  result = common.run_federated(
-      ctx, cfg, split, checkpoint_every=fedrecon_ml1m.fr_checkpoint_every(fedrecon_ml1m.fr_settings(False)[1]),
-      model_aggregator=aggregator,
-      extra_metrics_fn=comm.comm_metrics_fn(stats, cfg.clients_per_round))
+  result, prepared = common.run_federated(
+      ctx, cfg, split,
+      checkpoint_every=fedrecon_ml1m.fr_checkpoint_every(fedrecon_ml1m.fr_settings(False)[1]),
+      compression=mode, compression_zeroing=clip, compression_clipping=clip)
+  cfg, stats = prepared.config, prepared.comm
   out = common.pick(result.test_metrics)
   out.update(upload_bytes=stats.upload_bytes, download_bytes=stats.download_bytes,
              upload_compression=stats.upload_compression, rounds=cfg.total_rounds,

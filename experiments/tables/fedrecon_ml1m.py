@@ -185,7 +185,7 @@ def _fr_trivial(s: _FrSetting, seed: int, ctx: harness.CellContext) -> dict:
 def _fr_federated(s: _FrSetting, cfg: experiment.FederatedConfig, out_rows: tuple,
                   ctx: harness.CellContext) -> dict:
   split = shared.by_user_split(ctx, s.max_users, cfg.seed, s.val_fraction)
-  result = common.run_federated(ctx, cfg, split, checkpoint_every=fr_checkpoint_every(s))
+  result, _ = common.run_federated(ctx, cfg, split, checkpoint_every=fr_checkpoint_every(s))
   m = result.test_metrics
   rounds = {'rounds': cfg.total_rounds}
   if cfg.algorithm.name == 'fedrecon':

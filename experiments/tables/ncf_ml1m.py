@@ -157,7 +157,7 @@ def _ncf_federated(s: _NcfSetting, cfg: experiment.FederatedConfig, label: str,
   from tff_rec.training import artifacts  # pylint: disable=g-import-not-at-top
 
   split = common.ncf_split(ctx, s.max_users)
-  result = common.run_federated(ctx, cfg, split, checkpoint_every=5)
+  result, _ = common.run_federated(ctx, cfg, split, checkpoint_every=5)
   if cfg.algorithm.name != 'fedrecon':
     return {label: {'hr@10': result.test_metrics['hr@10'],
                     'ndcg@10': result.test_metrics['ndcg@10'], 'rounds': cfg.total_rounds}}

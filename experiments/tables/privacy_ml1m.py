@@ -13,14 +13,13 @@ from typing import Optional
 
 import numpy as np
 
-from experiments import run_setup
 from experiments.tables import common
 from experiments.tables import fedrecon_ml1m
 from experiments.tables import harness
 from experiments.tables import shared
 from tff_rec.data import splits as splits_lib
+from tff_rec.models import predictions
 from tff_rec.training import data_setup
-from tff_rec.training import execution as execution_lib
 from tff_rec.training import experiment
 from tff_rec.training import local_recon
 
@@ -199,17 +198,13 @@ def _pv_federated(s: _PvSetting, row: _DpRow, cfg: experiment.FederatedConfig,
     dp_config = dp_aggregators.DpConfig(mode=row.mode, noise_multiplier=row.noise_multiplier,
                                         clip=row.clip)
   # The same assembly as the federated binary (DP, secure context, byte counts).
-  prepared = run_setup.prepare_run(cfg, execution_lib.ExecutionConfig(), split,
-                                   dp_config=dp_config)
+  result, prepared = common.run_federated(
+      ctx, cfg, split,
+      checkpoint_every=fedrecon_ml1m.fr_checkpoint_every(fedrecon_ml1m.fr_settings(False)[1]),
+      dp_config=dp_config)
   cfg, dp = prepared.config, prepared.dp
   if row.mode != 'none':
     out.update(epsilon=float(dp.epsilon_after(dp.total_rounds)), delta=float(dp.delta))
-  kwargs = dict(prepared.run_kwargs)
-  del kwargs['split']
-  result = common.run_federated(
-      ctx, cfg, split,
-      checkpoint_every=fedrecon_ml1m.fr_checkpoint_every(fedrecon_ml1m.fr_settings(False)[1]),
-      secure_intrinsics=prepared.execution.secure_intrinsics, **kwargs)
   # FedAvg: the shared-row model on the same query halves (its fine-tuning evaluation's
   # baseline), as FedRecon is scored.
   m = result.test_metrics
@@ -233,7 +228,7 @@ def _pv_federated(s: _PvSetting, row: _DpRow, cfg: experiment.FederatedConfig,
     else:
       model = rec.keras_model  # One shared user row: every user is scored by the same model.
     _, user_losses = audit.per_user_mean_losses(
-        lambda b, m=model: local_recon.predict(m, b['user'], b['item']), query)
+        lambda b, m=model: predictions.predict(m, b['user'], b['item']), query)
     losses.append(user_losses)
   attack = _attack(audit, losses[0], losses[1], cfg.seed)
   out['mia_auc'] = attack['max_auc']
@@ -267,7 +262,7 @@ def _pv_dpsgd(s: _PvSetting, label: str, noise: float, seed: int, ctx: harness.C
     if p.get('epsilon_clt') is not None:
       out['epsilon_clt'] = p['epsilon_clt']
   pred_test = dpsgd.predict_ratings(result.rec, split.test)
-  out['rating_accuracy'] = float(np.mean(np.abs(pred_test - split.test.ratings) <= 0.5))
+  out['rating_accuracy'] = predictions.rating_metrics(pred_test, split.test.ratings)['rating_accuracy']
   # Per-rating membership inference: training vs test ratings (equal-size samples).
   rng = np.random.default_rng([seed, 98])
   n = min(split.test.num_ratings, 20000)

@@ -1,4 +1,4 @@
-"""The compress_and_export binary's library path and its flag validation."""
+"""The compression pipeline (compression/pipeline.py) and its binary's flag validation."""
 
 import sys
 import csv
@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from compression import pipeline
 from experiments import compress_and_export
 from tff_rec.export import serving
 
@@ -25,12 +26,12 @@ def parsed_flags():
 
 
 def test_prune_int8_tflite_pipeline_with_report(mf_run, tmp_path):
-  config = compress_and_export.PipelineConfig(
+  config = pipeline.PipelineConfig(
       run_dir=mf_run, export_base=str(tmp_path), model_name='mf', version=3,
       prune_sparsity=0.5, prune_schedule='constant', finetune_epochs=1, batch_size=64,
       quantize='int8', tflite='dynamic', latency_requests=20,
       export=serving.ExportOptions(exclude_seen=True, unknown_user='cold_start'))
-  result = compress_and_export.run(config)
+  result = pipeline.run(config)
   assert result.export.version_dir == str(tmp_path / 'mf' / '3')
   assert sorted(os.listdir(tmp_path / 'mf')) == ['3', 'artifacts']
   assert result.sparsity['item_embedding/embeddings:0'] == pytest.approx(0.5, abs=0.01)
@@ -48,14 +49,14 @@ def test_prune_int8_tflite_pipeline_with_report(mf_run, tmp_path):
   assert fn(user_id=tf.constant(['0', 'new user']), k=tf.constant(3))['item_ids'].shape == (2, 3)
   # Same version again: refused before any work.
   with pytest.raises(serving.ExportError, match='already exists'):
-    compress_and_export.run(config)
+    pipeline.run(config)
 
 
 def test_fedrecon_float16_pipeline(fedrecon_run, tmp_path):
-  config = compress_and_export.PipelineConfig(
+  config = pipeline.PipelineConfig(
       run_dir=fedrecon_run, export_base=str(tmp_path), model_name='recon', quantize='float16',
       latency_requests=10)
-  result = compress_and_export.run(config)
+  result = pipeline.run(config)
   assert result.export.signatures == ('serving_default', 'recommend_from_history')
   assert [r.artifact for r in result.rows] == ['float32', 'float16']
   assert np.isfinite(result.rows[1].metrics['rmse'])
@@ -63,18 +64,18 @@ def test_fedrecon_float16_pipeline(fedrecon_run, tmp_path):
 
 def test_federated_finetuning_pipeline(fedrecon_run, tff_context, tmp_path):
   del tff_context
-  config = compress_and_export.PipelineConfig(
+  config = pipeline.PipelineConfig(
       run_dir=fedrecon_run, export_base=str(tmp_path), model_name='recon', prune_sparsity=0.6,
       finetune='federated', quantize='int8', latency_requests=10,
-      federated=compress_and_export.federated_finetune.FederatedFinetuneConfig(
+      federated=pipeline.federated_finetune.FederatedFinetuneConfig(
           rounds=2, clients_per_round=10, batch_size=8))
-  result = compress_and_export.run(config)
+  result = pipeline.run(config)
   assert result.sparsity['item_embedding/embeddings:0'] == pytest.approx(0.6, abs=0.01)
   assert [r.artifact for r in result.rows] == ['float32', 'pruned0.6-federated+int8']
   assert np.isfinite(result.rows[1].metrics['rmse'])
   assert os.path.isfile(os.path.join(config.artifacts_dir, 'federated_finetune', 'metrics.csv'))
   # --overwrite with other fine-tuning flags replaces the version and its fine-tuning.
-  again = compress_and_export.run(dataclasses.replace(
+  again = pipeline.run(dataclasses.replace(
       config, overwrite=True, federated=dataclasses.replace(config.federated, rounds=1)))
   assert again.sparsity == pytest.approx(result.sparsity)
 
@@ -118,12 +119,12 @@ def test_existing_version_flag_error(mf_run, tmp_path):
 
 
 def test_svd_basis_on_a_fedrecon_run_is_a_usage_error(fedrecon_run, tmp_path):
-  config = compress_and_export.PipelineConfig(
+  config = pipeline.PipelineConfig(
       run_dir=fedrecon_run, export_base=str(tmp_path / 'e'), model_name='recon',
       prune_sparsity=0.5, prune_schedule='constant', finetune_epochs=0, prune_basis='svd',
       report=False)
-  with pytest.raises(app.UsageError, match='--prune_basis: .*stay on the device'):
-    compress_and_export.run(config)
+  with pytest.raises(pipeline.PipelineError, match='--prune_basis: .*stay on the device'):
+    pipeline.run(config)
   assert not (tmp_path / 'e' / 'recon' / '1').exists()
 
 

@@ -34,12 +34,11 @@ def test_rating_metrics_by_hand():
   assert _result(metrics.RatingAccuracy(threshold=0.25), batches) == pytest.approx(0.25)
 
 
-def test_rating_accuracy_clip():
+def test_rating_metrics_do_not_clip():
+  # The one rule (tff_rec/models/predictions.py): out-of-scale outputs are scored as they are.
   batches = [(np.array([5.0, 1.0]), np.array([5.7, -3.0]))]
   assert _result(metrics.RatingAccuracy(), batches) == 0.0
-  assert _result(metrics.RatingAccuracy(clip=(1.0, 5.0)), batches) == 1.0
-  with pytest.raises(ValueError, match='clip'):
-    metrics.RatingAccuracy(clip=(5.0, 1.0))
+  assert _result(metrics.MeanAbsoluteError(), batches) == pytest.approx((0.7 + 4.0) / 2)
 
 
 def test_means_are_per_example_across_uneven_batches():
@@ -79,8 +78,8 @@ def test_factories_return_fresh_config_constructible_metrics():
     for m in first:  # what TFF's metric finalizers do
       clone = type(m).from_config(m.get_config())
       assert clone.get_config() == m.get_config()
-  acc = metrics.RatingAccuracy(0.25, clip=(1, 5))
-  assert metrics.RatingAccuracy.from_config(acc.get_config()).clip == (1.0, 5.0)
+  acc = metrics.RatingAccuracy(0.25)
+  assert metrics.RatingAccuracy.from_config(acc.get_config()).threshold == 0.25
 
 
 # ---------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import tensorflow_federated as tff
 from tff_rec.data import splits
 from tff_rec.data import synthetic
 from experiments.tables import common
+from tff_rec.models import predictions
 from tff_rec.training import local_recon
 from tff_rec.training import data_setup
 from tff_rec.training import evaluation
@@ -50,7 +51,7 @@ def test_matches_tff_reconstruction_evaluation(tff_context, l2, epochs, steps_ma
   support, query = local_recon.support_query_split(split.test, 3, steps_max)
   rows = local_recon.rating_support_rows(support, 3, epochs, steps_max)
   model = local_recon.reconstruct(spec, rec.keras_model, rows, recon.optimizer)
-  got = local_recon.rating_metrics(local_recon.predict(model, query.users, query.items),
+  got = predictions.rating_metrics(predictions.predict(model, query.users, query.items),
                                    query.ratings)
   for k in ('rmse', 'mae', 'rating_accuracy'):
     assert got[k] == pytest.approx(expected[k], abs=1e-5), k

@@ -6,6 +6,7 @@ import pytest
 
 from tff_rec.data import splits
 from tff_rec.data import synthetic
+from tff_rec.models import predictions
 from tff_rec.training import artifacts
 from tff_rec.training import central
 from tff_rec.training import data_setup
@@ -20,14 +21,6 @@ def split():
   return splits.split_random(r, fractions=(0.9, 0.0, 0.1), seed=0)
 
 
-def test_rating_metrics_by_hand():
-  m = central.rating_metrics(np.array([0.0, 3.4, 6.0]), np.array([1.0, 3.0, 4.0]), (1.0, 5.0))
-  # Predictions clip to [1, 5]: errors 0, 0.4, 1.
-  np.testing.assert_allclose(m['rmse'], np.sqrt((0 + 0.16 + 1) / 3), rtol=1e-6)
-  np.testing.assert_allclose(m['mae'], 1.4 / 3, rtol=1e-6)
-  assert m['rating_accuracy'] == pytest.approx(2 / 3)
-
-
 def test_central_mf_learns_and_saves(split, tmp_path):
   config = central.CentralConfig(
       model=experiment.ModelConfig('mf', {'embedding_dim': 2, 'init_stddev': 0.3}),
@@ -40,8 +33,8 @@ def test_central_mf_learns_and_saves(split, tmp_path):
   rec, model_config, users, items = artifacts.load_final_model(result.run_dir)
   assert model_config['algorithm'] == 'central' and len(users) == split.train.num_users
   np.testing.assert_allclose(
-      central.predict(rec.keras_model, split.test.users, split.test.items),
-      central.predict(result.model, split.test.users, split.test.items), atol=1e-6)
+      predictions.predict(rec.keras_model, split.test.users, split.test.items),
+      predictions.predict(result.model, split.test.users, split.test.items), atol=1e-6)
 
 
 def test_central_implicit_model_reports_hit_rate(tmp_path):

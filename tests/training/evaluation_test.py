@@ -9,7 +9,7 @@ import pytest
 from tff_rec.data import splits
 from tff_rec.data import synthetic
 from tff_rec.models import registry
-from tff_rec.training import central
+from tff_rec.models import predictions
 from tff_rec.training import evaluation
 from tff_rec.training import model_fns
 from tff_rec.training import optimizers
@@ -47,7 +47,7 @@ def test_table_eval_equals_central_prediction(data, tff_context):
   rec = spec.build(model_fns.UserEmbedding.TABLE)
   weights = model_fns_weights(rec.keras_model)
   metrics = ev(weights)
-  pred = central.predict(rec.keras_model, split.test.users, split.test.items)
+  pred = predictions.predict(rec.keras_model, split.test.users, split.test.items)
   np.testing.assert_allclose(metrics['mse'], np.mean((pred - split.test.ratings) ** 2), rtol=1e-4)
   assert metrics['num_examples'] == len(split.test)
 

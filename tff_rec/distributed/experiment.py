@@ -19,12 +19,12 @@ import time
 from typing import Any, Mapping, Optional
 
 from absl import logging
-import numpy as np
 
 from tff_rec import version
 from tff_rec.data import splits as splits_lib
 from tff_rec.distributed import cluster as cluster_lib
 from tff_rec.distributed import ps_training
+from tff_rec.models import predictions as predictions_lib
 from tff_rec.models import registry
 from tff_rec.training import artifacts
 from tff_rec.training import central
@@ -145,7 +145,7 @@ def run(config: DistributedConfig, split: Optional[splits_lib.Split] = None) -> 
                                            min_shard_bytes=config.train.min_shard_bytes)
     result = ps_training.train(spec, split.train, config.train, strategy=strategy)
     predictions = ps_training.predict(result.rec, split.test.users, split.test.items)
-    test_metrics = central.rating_metrics(predictions, split.test.ratings, split.train.rating_scale)
+    test_metrics = predictions_lib.rating_metrics(predictions, split.test.ratings)
     test_metrics['train_seconds'] = result.seconds
     plain = ps_training.unsharded_copy(spec, result.rec)
     paths = []

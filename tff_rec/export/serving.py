@@ -76,6 +76,7 @@ from tff_rec.data import ratings as ratings_lib
 from tff_rec.export import id_maps
 from tff_rec.export import warmup
 from tff_rec.models import base
+from tff_rec.models import predictions
 from tff_rec.models import registry
 
 SERVING_DEFAULT = 'serving_default'
@@ -300,7 +301,7 @@ class _TableServing(tf.Module):
         users, known_users = lookup_users(user_id)
       items, known_items = _lookup(self.items, item_id, options.unknown_item, num_items, 'item_id')
       s = score(users, items)
-      out = {'prediction': tf.clip_by_value(s, low, high) if rating else s,
+      out = {'prediction': predictions.clip_to_scale(s, (low, high)) if rating else s,
              'cold_start': tf.logical_not(tf.logical_and(known_users, known_items))}
       if not rating:
         out['probability'] = tf.sigmoid(s)
@@ -398,7 +399,8 @@ class _ReconServing(tf.Module):
       items, known = _lookup(self.items, item_id, options.unknown_item, num_items, 'item_id')
       q, b, mu = weights()
       s = tf.linalg.matvec(tf.gather(q, items), p) + tf.gather(b, items) + mu + bu
-      return {'prediction': tf.clip_by_value(s, low, high), 'cold_start': tf.logical_not(known)}
+      return {'prediction': predictions.clip_to_scale(s, (low, high)),
+              'cold_start': tf.logical_not(known)}
 
     def recommend_from_history(history_item_id, history_rating, k):
       p, bu, idx, known = reconstruct(history_item_id, history_rating)

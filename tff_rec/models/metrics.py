@@ -1,6 +1,7 @@
 """Evaluation metrics: Keras metrics for TFF, and numpy top-K ranking protocols.
 
-Keras metrics average per example: Keras' built-in `MeanSquaredError`,
+Rating metrics follow the toolkit's one clipping rule (no metric clips; see
+`tff_rec.models.predictions`). Keras metrics average per example: Keras' built-in `MeanSquaredError`,
 `MeanAbsoluteError` and `BinaryCrossentropy` first average over the last
 axis, which for our float32[B] predictions makes them per-batch averages
 (a short last batch would weigh as much as a full one). They take no
@@ -20,7 +21,7 @@ as hits by luck. NaN scores count as -inf.
 from __future__ import annotations
 
 import collections
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Union
 
 import numpy as np
 import tensorflow as tf
@@ -81,27 +82,20 @@ class MeanAbsoluteError(_ExampleMean):
 class RatingAccuracy(_ExampleMean):
   """Fraction of examples with |y_pred - y_true| <= threshold.
 
-  As FedRecon's `ReconstructionAccuracyMetric` (threshold 0.5, predictions not
-  clipped). With `clip=(lo, hi)` predictions are first clipped to the rating
-  scale.
+  As FedRecon's `ReconstructionAccuracyMetric` (threshold 0.5). Predictions are
+  not clipped: no metric clips (tff_rec/models/predictions.py).
   """
 
-  def __init__(self, threshold: float = 0.5, clip: Optional[Sequence[float]] = None,
-               name: str = 'rating_accuracy', dtype=None):
+  def __init__(self, threshold: float = 0.5, name: str = 'rating_accuracy', dtype=None):
     super().__init__(name=name, dtype=dtype)
     self.threshold = float(threshold)
-    self.clip = None if clip is None else tuple(float(c) for c in clip)
-    if self.clip is not None and (len(self.clip) != 2 or self.clip[0] > self.clip[1]):
-      raise ValueError(f'clip must be (low, high) with low <= high, got {clip}')
 
   def _values(self, y_true, y_pred):
-    if self.clip is not None:
-      y_pred = tf.clip_by_value(y_pred, self.clip[0], self.clip[1])
     return tf.cast(tf.abs(y_pred - y_true) <= self.threshold, self.dtype)
 
   def get_config(self):
     config = super().get_config()
-    config.update(threshold=self.threshold, clip=self.clip)
+    config.update(threshold=self.threshold)
     return config
 
 

@@ -11,7 +11,6 @@ import time
 from typing import Optional
 
 from absl import logging
-import numpy as np
 import tensorflow as tf
 import tqdm
 
@@ -21,6 +20,7 @@ from tff_rec.data import centralized
 from tff_rec.data import splits as splits_lib
 from tff_rec.models import base
 from tff_rec.models import metrics as metrics_lib
+from tff_rec.models import predictions
 from tff_rec.training import artifacts
 from tff_rec.training import data_setup
 from tff_rec.training import experiment
@@ -56,37 +56,15 @@ class CentralConfig:
     return os.path.join(self.root_output_dir, self.experiment_name)
 
 
-def predict(model: tf.keras.Model, users: np.ndarray, items: np.ndarray, batch_size: int = 65536) -> np.ndarray:
-  """Model outputs for (user, item) pairs, in large batches."""
-  out = []
-  for start in range(0, len(users), batch_size):
-    x = {'user': tf.constant(users[start:start + batch_size], tf.int32),
-         'item': tf.constant(items[start:start + batch_size], tf.int32)}
-    out.append(model(x, training=False).numpy())
-  return np.concatenate(out) if out else np.zeros([0], np.float32)
-
-
-def rating_metrics(predictions: np.ndarray, ratings: np.ndarray, scale=(1.0, 5.0)) -> dict:
-  """RMSE, MAE, MSE and FedRecon's rating accuracy of predictions clipped to the scale."""
-  p = np.clip(predictions, scale[0], scale[1])
-  err = p - ratings
-  return {
-      'rmse': float(np.sqrt(np.mean(err ** 2))),
-      'mae': float(np.mean(np.abs(err))),
-      'mse': float(np.mean(err ** 2)),
-      'rating_accuracy': float(np.mean(np.abs(err) <= 0.5)),
-      'num_examples': int(len(ratings)),
-  }
-
-
 def evaluate(model: tf.keras.Model, task: str, split: splits_lib.Split, part: str, top_k: int) -> dict:
   """Test metrics of a model over users seen in training."""
   r = getattr(split, part)
   if task == base.TASK_RATING:
-    return rating_metrics(predict(model, r.users, r.items), r.ratings, r.rating_scale)
+    # Unclipped: the one rating-metrics rule (tff_rec/models/predictions.py).
+    return predictions.rating_metrics(predictions.predict(model, r.users, r.items), r.ratings)
   if split.negatives is None:
     raise ValueError('implicit models are evaluated on leave-one-out splits with negatives')
-  score_fn = lambda u, i: predict(model, u, i)
+  score_fn = lambda u, i: predictions.predict(model, u, i)
   result = metrics_lib.hit_rate_and_ndcg_sampled(score_fn, r.users, r.items, split.negatives, top_k)
   return {f'hr@{top_k}': result['hit_rate'], f'ndcg@{top_k}': result['ndcg'],
           'num_users': int(len(r.users))}

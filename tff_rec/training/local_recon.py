@@ -188,22 +188,3 @@ def reconstruct(spec: model_fns.ModelSpec, source: tf.keras.Model, rows: ReconRo
   return model
 
 
-def predict(model: tf.keras.Model, users: np.ndarray, items: np.ndarray,
-            batch_size: int = 65536) -> np.ndarray:
-  """Model outputs for (user, item) pairs."""
-  out = [model({'user': tf.constant(users[s:s + batch_size], tf.int32),
-                'item': tf.constant(items[s:s + batch_size], tf.int32)}, training=False).numpy()
-         for s in range(0, len(users), batch_size)]
-  return np.concatenate(out) if out else np.zeros(0, np.float32)
-
-
-def rating_metrics(predictions: np.ndarray, ratings: np.ndarray) -> dict:
-  """RMSE, MAE, MSE and rating accuracy (|error| <= 0.5), unclipped as in TFF's metrics."""
-  err = np.asarray(predictions, np.float64) - np.asarray(ratings, np.float64)
-  return {
-      'rmse': float(np.sqrt(np.mean(err ** 2))),
-      'mae': float(np.mean(np.abs(err))),
-      'mse': float(np.mean(err ** 2)),
-      'rating_accuracy': float(np.mean(np.abs(err) <= 0.5)),
-      'num_examples': int(err.size),
-  }
