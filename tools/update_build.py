@@ -28,6 +28,7 @@ _BINARY_RUN = re.compile(r'-m[\'", ]+((?:experiments|benchmarks)\.[a-z_0-9]+)')
 # Import name -> pip distribution (as pinned in requirements*.txt / constraints.txt).
 THIRD_PARTY = {
     'absl': 'absl-py',
+    'cryptography': 'cryptography',
     'dp_accounting': 'dp-accounting',
     'google': 'protobuf',
     'grpc': 'grpcio',
@@ -36,6 +37,7 @@ THIRD_PARTY = {
     'portpicker': 'portpicker',
     'psutil': 'psutil',
     'pytest': 'pytest',
+    'scipy': 'scipy',
     'tensorflow': 'tensorflow',
     'tensorflow_federated': 'tensorflow-federated',
     'tensorflow_model_optimization': 'tensorflow-model-optimization',
