@@ -54,6 +54,7 @@ needed neighbourhood answer round 3; below that `run_protocol` raises
 from __future__ import annotations
 
 import dataclasses
+import functools
 import secrets
 import time
 from typing import Mapping, Optional, Sequence
@@ -111,8 +112,30 @@ def shamir_split(secret: int, holders: Sequence[int], threshold: int, *,
   return shares
 
 
+@functools.lru_cache(maxsize=64)
+def _lagrange_at_zero(holders: tuple, prime: int) -> tuple:
+  """The Lagrange weights at 0 of the points x = holder + 1 (shared by every secret they hold)."""
+  weights = []
+  for i, hi in enumerate(holders):
+    num, den = 1, 1
+    for j, hj in enumerate(holders):
+      if i != j:
+        num = num * (-(hj + 1)) % prime
+        den = den * ((hi + 1) - (hj + 1)) % prime
+    weights.append(num * pow(den, -1, prime) % prime)
+  return tuple(weights)
+
+
 def shamir_reconstruct(shares: Mapping[int, int], threshold: int, *, prime: int = PRIME) -> int:
   """The secret from at least `threshold` shares (Lagrange interpolation at 0).
+
+  Args:
+    shares: {holder: share}, as `shamir_split` made them.
+    threshold: The t they were made with; the first t holders (by id) are used.
+    prime: The field's modulus.
+
+  Returns:
+    The secret.
 
   Raises:
     SecAggError: Fewer than `threshold` shares.
@@ -120,15 +143,8 @@ def shamir_reconstruct(shares: Mapping[int, int], threshold: int, *, prime: int 
   if len(shares) < threshold:
     raise SecAggError(f'{len(shares)} shares, {threshold} needed')
   points = sorted(shares.items())[:threshold]
-  secret = 0
-  for i, (hi, yi) in enumerate(points):
-    num, den = 1, 1
-    for j, (hj, _) in enumerate(points):
-      if i != j:
-        num = num * (-(hj + 1)) % prime
-        den = den * ((hi + 1) - (hj + 1)) % prime
-    secret = (secret + yi * num * pow(den, -1, prime)) % prime
-  return secret
+  weights = _lagrange_at_zero(tuple(h for h, _ in points), prime)
+  return sum(w * y for w, (_, y) in zip(weights, points)) % prime
 
 
 def _kdf(shared: bytes, info: bytes) -> bytes:
