@@ -12,7 +12,7 @@ import pytest
 
 from tests import shared_data
 
-_MINE = ('federated_speed', 'algorithm_speed', 'accountant_speed')
+_MINE = ('federated_speed', 'algorithm_speed', 'accountant_speed', 'secagg_cost')
 
 
 @pytest.fixture(scope='module')
@@ -55,6 +55,17 @@ def test_federated_speed_reports_rounds_central_epochs_and_memory(smoke_dir):
     assert row['peak_rss_worker_gib'] > 0 and row['peak_rss_python_gib'] > 0
   fits = results['smoke_scaling']['fits']
   assert fits and fits[0]['b_ms_per_client'] is not None
+
+
+def test_secagg_cost_compares_plain_secagg_and_secagg_plus(smoke_dir):
+  rows = _load(os.path.join(smoke_dir, 'secagg_cost.json'))['results']['rows']
+  assert {r['method'] for r in rows} == {'plain sum', 'secagg', 'secagg+'}
+  assert all(r['exact'] for r in rows)
+  secure = [r for r in rows if r['method'] != 'plain sum']
+  assert all(r['client_cpu_s'] > 0 and r['server_cpu_s'] > 0 and r['message_rounds'] == 4
+             for r in secure)
+  plain = {(r['model'], r['clients']): r['upload_bytes'] for r in rows if r['method'] == 'plain sum'}
+  assert all(r['upload_bytes'] > plain[(r['model'], r['clients'])] for r in secure)
 
 
 def test_algorithm_speed_reports_a_ratio_and_memory_per_algorithm(smoke_dir):
