@@ -388,10 +388,10 @@ class SecAggResult:
   Attributes:
     total: sum of the survivors' inputs mod 2^bits (uint64[length]).
     survivors: The clients whose input is in `total`.
-    client_seconds: Mean CPU seconds per client, over all its rounds.
+    client_seconds: Mean CPU seconds of a surviving client, over all its rounds.
     server_seconds: Server CPU seconds.
-    upload_bytes: Mean bytes a client sent (keys, ciphertexts, masked vector at
-      bits/8 bytes per value, revealed shares).
+    upload_bytes: Mean bytes a surviving client sent (keys, ciphertexts, masked
+      vector at bits/8 bytes per value, revealed shares).
     message_rounds: Client-server round trips (4).
   """
 
@@ -498,6 +498,6 @@ def run_protocol(
     upload[u] += 70 * len(msg)
   total = server(srv.unmask, revealed)
   return SecAggResult(total=total, survivors=survivors,
-                      client_seconds=float(np.mean([client_cpu[u] for u in keys])),
+                      client_seconds=float(np.mean([client_cpu[u] for u in survivors])),
                       server_seconds=server_cpu,
-                      upload_bytes=float(np.mean([upload[u] for u in keys])))
+                      upload_bytes=float(np.mean([upload[u] for u in survivors])))
