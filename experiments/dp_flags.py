@@ -18,6 +18,7 @@ from absl import flags
 
 from privacy import dp_aggregators
 from privacy import federated_dp
+from privacy import secure_rounds
 
 FLAGS = flags.FLAGS
 
@@ -69,6 +70,21 @@ def define_dp_flags(flag_values: flags.FlagValues = FLAGS) -> None:
                        'Tree modes: restart the tree every N rounds (a divisor of the epoch '
                        'length; default once per epoch).', **fv)
   flags.DEFINE_integer('ddp_bits', 20, 'ddp: secure aggregation bit width (1..22).', **fv)
+  flags.DEFINE_enum('secure_aggregation', 'none', list(secure_rounds.MODES),
+                    "How --dp=ddp's secure sums run: none (TFF's simulated intrinsic, a plain "
+                    'sum the server-side code sees), secagg (SecAgg, Bonawitz et al. 2017), '
+                    'secagg_plus (SecAgg+, Bell et al. 2020) or he (BFV encryption, key-holder '
+                    'decryption). See privacy/secure_rounds.py.', **fv)
+  flags.DEFINE_float('secagg_threshold', 2 / 3,
+                     'secagg/secagg_plus: Shamir threshold as a share of a neighbourhood, '
+                     'in (0.5, 1].', **fv)
+  flags.DEFINE_integer('secagg_degree', None,
+                       'secagg_plus: even degree of the Harary graph (default 2 round(1.5 log2 '
+                       'clients_per_round)).', **fv)
+  flags.DEFINE_float('secagg_dropout', 0.0,
+                     'secagg/secagg_plus/he: share of each round\'s clients that drop out before '
+                     'sending their masked input (simulated; their DP noise is lost, see README).',
+                     **fv)
 
 
 def _field_flag(message: str) -> str:
@@ -113,6 +129,44 @@ def dp_config_from_flags(flag_values: flags.FlagValues = FLAGS) -> dp_aggregator
     )
   except ValueError as e:
     raise app.UsageError(f'{_field_flag(str(e))}: {e}') from e
+
+
+SECAGG_FLAGS = ('secagg_threshold', 'secagg_degree', 'secagg_dropout')
+
+
+def secure_aggregation_from_flags(
+    dp_config: dp_aggregators.DpConfig, seed: int = 0,
+    flag_values: flags.FlagValues = FLAGS) -> secure_rounds.SecureAggregationConfig:
+  """SecureAggregationConfig from the flags; app.UsageError naming the flag if invalid.
+
+  Args:
+    dp_config: The run's DP (a protocol needs --dp=ddp, whose sums are secure sums).
+    seed: The run's --seed (dropout draws and SecAgg+ graphs follow it).
+    flag_values: The flags.
+  """
+  v = flag_values
+  if v.secure_aggregation == 'none':
+    for flag in SECAGG_FLAGS:
+      if v[flag].present:
+        raise app.UsageError(f'--{flag} needs --secure_aggregation (one of '
+                             f'{list(secure_rounds.MODES[1:])})')
+    return secure_rounds.SecureAggregationConfig()
+  if dp_config.mode != 'ddp':
+    raise app.UsageError(
+        f'--secure_aggregation={v.secure_aggregation} needs --dp=ddp: only distributed DP sends '
+        f'the integer vectors a secure sum adds (got --dp={dp_config.mode})')
+  if v.secagg_degree is not None and v.secure_aggregation != 'secagg_plus':
+    raise app.UsageError('--secagg_degree needs --secure_aggregation=secagg_plus')
+  if v['secagg_threshold'].present and v.secure_aggregation == 'he':
+    raise app.UsageError('--secagg_threshold is for secagg/secagg_plus (he has no shares)')
+  try:
+    return secure_rounds.SecureAggregationConfig(
+        mode=v.secure_aggregation, threshold=v.secagg_threshold, degree=v.secagg_degree,
+        dropout=v.secagg_dropout, seed=seed)
+  except ValueError as e:
+    message = str(e)
+    raise app.UsageError(message if message.startswith('--') else
+                         f'--secure_aggregation: {message}') from e
 
 
 def prepare_dp_for_run(dp_config: dp_aggregators.DpConfig, config: Any,

@@ -19,6 +19,7 @@ from absl import logging
 from experiments import common_flags
 from experiments import dp_flags
 from experiments import run_setup
+from privacy import secure_rounds
 from compression import comm
 from tff_rec import runtime
 from tff_rec.data import errors
@@ -184,13 +185,14 @@ def execution_from_flags() -> execution_lib.ExecutionConfig:
 
 
 def prepare_run(config: experiment.FederatedConfig, execution: execution_lib.ExecutionConfig, split,
-                dp_config, compression: str, compression_threshold: int
-                ) -> tuple[experiment.FederatedConfig, execution_lib.ExecutionConfig, dict]:
+                dp_config, compression: str, compression_threshold: int,
+                secure_aggregation=secure_rounds.SecureAggregationConfig()) -> tuple[experiment.FederatedConfig, execution_lib.ExecutionConfig, dict]:
   """`run_setup.prepare_run` for the flags; UsageError naming the flag if refused."""
   try:
     prepared = run_setup.prepare_run(config, execution, split, dp_config=dp_config,
                                      compression=compression,
-                                     compression_threshold=compression_threshold)
+                                     compression_threshold=compression_threshold,
+                                     secure_aggregation=secure_aggregation)
   except run_setup.RunSetupError as e:
     raise app.UsageError(str(e)) from e
   return prepared.config, prepared.execution, prepared.run_kwargs
@@ -209,8 +211,9 @@ def main(argv: Sequence[str]) -> None:
     split = data_setup.load_split(config.data)
   except (errors.DataError, ValueError) as e:
     raise app.UsageError(f'--dataset/--data_dir: {e}') from e
+  secure_aggregation = dp_flags.secure_aggregation_from_flags(dp_config, config.seed)
   config, execution, kwargs = prepare_run(config, execution, split, dp_config, FLAGS.compression,
-                                          FLAGS.compression_threshold)
+                                          FLAGS.compression_threshold, secure_aggregation)
   result = experiment.run_federated(config, execution, **kwargs)
   logging.info('Test metrics: %s', result.test_metrics)
   print(experiment.summary_line(result))

@@ -17,12 +17,14 @@ about; the binaries turn it into a usage error.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 from compression import comm
 from privacy import accounting
 from privacy import dp_aggregators
 from privacy import federated_dp
+from privacy import secure_rounds
 from tff_rec.training import algorithms
 from tff_rec.training import execution as execution_lib
 from tff_rec.training import experiment
@@ -115,6 +117,8 @@ def prepare_run(
     compression_threshold: int = comm.DEFAULT_THRESHOLD,
     compression_zeroing: bool = True,
     compression_clipping: bool = True,
+    secure_aggregation: secure_rounds.SecureAggregationConfig = (
+        secure_rounds.SecureAggregationConfig()),
 ) -> PreparedRun:
   """Everything a federated run needs besides its configs.
 
@@ -129,6 +133,9 @@ def prepare_run(
     compression_zeroing: TFF's adaptive zeroing around a compressed mean.
     compression_clipping: TFF's adaptive L2 clipping around a compressed mean
       (without DP; DP clips by its own rule).
+    secure_aggregation: How distributed DP's secure sums run (default: TFF's
+      simulated intrinsic); a protocol needs dp mode 'ddp'. Its seed is the
+      run's seed.
 
   Returns:
     A `PreparedRun`: run it with
@@ -137,7 +144,8 @@ def prepare_run(
   Raises:
     RunSetupError: Naming the flag: more clients per round than users,
       closed-form reconstruction on a model it does not apply to, DP refused,
-      or a DP/compression combination that would break the guarantee.
+      or a DP/compression combination that would break the guarantee, or a
+      secure-aggregation protocol without distributed DP.
   """
   population = len(split.train.present_users())
   if config.clients_per_round > population:
@@ -149,6 +157,10 @@ def prepare_run(
     except ValueError as e:
       raise RunSetupError(
           f'--reconstruction=closed_form with --model={config.model.name}: {e}') from e
+  if secure_aggregation.enabled and dp_config.mode != 'ddp':
+    raise RunSetupError(f'--secure_aggregation={secure_aggregation.mode}: needs --dp=ddp, whose '
+                        f'updates are the integer vectors a secure sum adds (got --dp='
+                        f'{dp_config.mode})')
   config, dp = prepare_dp(dp_config, config, split)
   if dp.needs_secure_context:
     execution = dataclasses.replace(execution, secure_intrinsics=True)
@@ -178,4 +190,8 @@ def prepare_run(
       split=split, model_aggregator=aggregator, extra_metrics_fn=extra,
       total_rounds=dp.total_rounds,
       hparams_extra={'dp': dp.report(), 'compression': compression_record})
+  if secure_aggregation.enabled:
+    secure_aggregation = dataclasses.replace(secure_aggregation, seed=config.seed)
+    kwargs['process_transform'] = functools.partial(secure_rounds.wrap, config=secure_aggregation)
+    kwargs['hparams_extra']['secure_aggregation'] = secure_aggregation.report()
   return PreparedRun(config, execution, kwargs, dp, stats)

@@ -358,6 +358,24 @@ def _executor_factory(
   return tff.framework.ResourceManagingExecutorFactory(executor_stack_fn=stack_fn)
 
 
+def _lower_secure_intrinsics(comp):
+  """TFF's test backend lowering of federated_secure_sum(_bitwidth) to exact sum bodies.
+
+  TFF rebuilds the computation from its proto and so drops the Python
+  containers of its type (a `LearningProcessOutput` came back as an
+  OrderedDict); they are put back here.
+  """
+  import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
+  from tensorflow_federated.python.core.impl.computation import computation_impl  # pylint: disable=g-import-not-at-top
+  from tensorflow_federated.python.core.impl.context_stack import context_stack_impl  # pylint: disable=g-import-not-at-top
+
+  lowered = tff.backends.test.replace_secure_intrinsics_with_bodies(comp)
+  return computation_impl.ConcreteComputation(
+      computation_proto=lowered.to_compiled_building_block().proto,
+      context_stack=context_stack_impl.context_stack,
+      annotated_type=comp.type_signature)
+
+
 def _compiler(secure_intrinsics: bool):
   import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
 
@@ -365,10 +383,8 @@ def _compiler(secure_intrinsics: bool):
     return tff.backends.native.desugar_and_transform_to_native
 
   def compile_fn(comp):
-    # The C++ runtime has no secure-sum kernels; TFF's test backend lowers
-    # federated_secure_sum(_bitwidth) to their exact (modular) sum bodies.
-    comp = tff.backends.test.replace_secure_intrinsics_with_bodies(comp)
-    return tff.backends.native.desugar_and_transform_to_native(comp)
+    # The C++ runtime has no secure-sum kernels: lower them to exact sums.
+    return tff.backends.native.desugar_and_transform_to_native(_lower_secure_intrinsics(comp))
 
   return compile_fn
 
@@ -382,8 +398,7 @@ def _mergeable_compiler(secure_intrinsics: bool):
     return mergeable_comp_compiler.compile_to_mergeable_comp_form
 
   def compile_fn(comp):
-    comp = tff.backends.test.replace_secure_intrinsics_with_bodies(comp)
-    return mergeable_comp_compiler.compile_to_mergeable_comp_form(comp)
+    return mergeable_comp_compiler.compile_to_mergeable_comp_form(_lower_secure_intrinsics(comp))
 
   return compile_fn
 

@@ -43,6 +43,7 @@ THIRD_PARTY = {
     'tensorflow_model_optimization': 'tensorflow-model-optimization',
     'tensorflow_privacy': 'tensorflow-privacy',
     'tensorflow_recommenders': 'tensorflow-recommenders',
+    'tenseal': 'tenseal',
     'tensorflow_serving': 'tensorflow-serving-api',
     'tqdm': 'tqdm',
 }

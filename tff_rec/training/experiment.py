@@ -125,6 +125,7 @@ def run_federated(
     extra_metrics_fn: Optional[Callable[[int], Mapping[str, Any]]] = None,
     total_rounds: Optional[int] = None,
     hparams_extra: Optional[Mapping[str, Any]] = None,
+    process_transform: Optional[Callable[[Any], Any]] = None,
 ) -> RunResult:
   """Trains per `config` (resuming if the run directory has a checkpoint), evaluates on test.
 
@@ -138,6 +139,10 @@ def run_federated(
     total_rounds: Rounds to run instead of `config.total_rounds` (e.g. fewer
       within a DP budget).
     hparams_extra: More JSON-ready entries for `hparams.json`.
+    process_transform: Applied to the training process (composed with the
+      client datasets, so its data are client ids) before the loop runs it;
+      it must keep `initialize`, `next` and `get_model_weights` and the state
+      type (e.g. `privacy.secure_rounds.wrap`, secure sums by protocol).
 
   Returns:
     The run directory, test metrics, final state, final model directory and
@@ -179,14 +184,16 @@ def run_federated(
                            allow_change=execution.allow_config_change)
   with run_dir_lib.lock(run_dir):
     return _train_and_evaluate(config, execution, split, spec, user_embedding, hparams,
-                               model_aggregator, extra_metrics_fn, total_rounds, started)
+                               model_aggregator, extra_metrics_fn, total_rounds, started,
+                               process_transform)
 
 
 def _train_and_evaluate(config: FederatedConfig, execution: execution_lib.ExecutionConfig,
                         split: splits_lib.Split, spec: model_fns.ModelSpec,
                         user_embedding: model_fns.UserEmbedding, hparams: dict,
                         model_aggregator, extra_metrics_fn, total_rounds: Optional[int],
-                        started: float) -> RunResult:
+                        started: float,
+                        process_transform: Optional[Callable[[Any], Any]] = None) -> RunResult:
   """The body of `run_federated`, with the run directory locked."""
   run_dir = execution.run_dir
   # Checked again under the lock: a concurrent run may have written it since.
@@ -215,6 +222,8 @@ def _train_and_evaluate(config: FederatedConfig, execution: execution_lib.Execut
   composed = tff.simulation.compose_dataset_computation_with_learning_process(
       train_data.dataset_computation, process
   )
+  if process_transform is not None:
+    composed = process_transform(composed)
   sampler = sampling.ClientSampler(train_users, config.clients_per_round, config.seed, config.sampling)
 
   def evaluator_for(part) -> Optional[evaluation.FederatedEvaluator]:

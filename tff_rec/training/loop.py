@@ -142,6 +142,8 @@ class _GuardedProcess:
 
   def set_round(self, round_num: int) -> None:
     self._round = round_num
+    if hasattr(self._process, 'set_round'):  # E.g. secure rounds seed their dropouts by round.
+      self._process.set_round(round_num)
 
   def _stop(self, what: str) -> NonFiniteTrainingError:
     good = checkpoints.intact_rounds(self._checkpoint_dir)
