@@ -186,5 +186,26 @@ def test_adaptive_modes_default_to_tffs_initial_clip():
   assert dp_aggregators.build_aggregator(DpConfig(), 10) is None
 
 
+def test_the_secure_context_keeps_python_containers_of_results():
+  """Lowering secure sums rebuilt the computation without its Python containers,
+  so a `LearningProcessOutput` came back as an OrderedDict (ddp runs with an
+  explicit-feedback evaluator crashed in the binary, whose rounds are split
+  into subrounds)."""
+  output_type = tff.learning.templates.LearningProcessOutput
+
+  @tff.federated_computation(tff.FederatedType(np.int32, tff.CLIENTS))
+  def comp(x):
+    total = tff.federated_secure_sum_bitwidth(x, 8)
+    return output_type(state=total, metrics=tff.federated_sum(x))
+
+  for clients_per_subround in (None, 2):
+    runtime.set_local_context(secure_intrinsics=True, clients_per_subround=clients_per_subround)
+    try:
+      out = comp([1, 2, 3])
+    finally:
+      runtime.set_local_context(secure_intrinsics=True)
+    assert isinstance(out, output_type) and out.state == 6 and out.metrics == 6
+
+
 if __name__ == '__main__':
   sys.exit(pytest.main([__file__, '-q']))
