@@ -73,7 +73,7 @@ def run_one(name: str, out_dir: str, smoke: bool, data_dir: Optional[str]) -> Op
     return accountant_speed.run(out_dir, smoke=smoke)
   if name == 'secagg_cost':
     from benchmarks import secagg_cost  # pylint: disable=g-import-not-at-top
-    return secagg_cost.run(out_dir, smoke=smoke)
+    return secagg_cost.run(out_dir, smoke=smoke, data_dir=data_dir)
   if name == 'compression_benchmark':
     # Another module's absl binary (flags prefixed `compression_`).
     argv = [sys.executable, '-m', 'benchmarks.compression_benchmark',

@@ -1,4 +1,4 @@
-"""Cost of secure aggregation (privacy/secagg.py) against a plain sum, on ML-100K-sized updates.
+"""Cost of secure aggregation and HE against a plain sum, on ML-100K-sized updates; a training run.
 
 The vector each client aggregates is the update a FedRecon client uploads:
 the model's global (item-side) trainable variables, built for ML-100K's 943
@@ -11,7 +11,9 @@ the values are random in Z_{2^20} (20 bits: the distributed-DP default,
   simulated `federated_secure_sum_bitwidth` does);
 - SecAgg: complete graph, t = ceil(2n/3) (Bonawitz et al.'s choice);
 - SecAgg+: random Harary graph of even degree near 3 log2 n, t = 2/3 of a
-  neighbourhood, rounded up.
+  neighbourhood, rounded up;
+- HE: BFV encryption under a key holder's public key, the server adds
+  ciphertexts, the key holder decrypts the sum (privacy/he_aggregation.py).
 
 Each protocol run drops 5% of the clients after they shared their keys and
 before they send their masked input, so the server's recovery of their
@@ -19,16 +21,32 @@ pairwise masks is part of the cost. Reported: mean CPU seconds per client
 (all four rounds), server CPU seconds, mean bytes a client uploads, message
 rounds, the share of a neighbourhood that may drop (1 - t / size), and that
 the result equals the plain sum of the survivors exactly.
+
+Then training: DP-FedRecon with distributed DP on ML-100K (the settings of
+experiments/flags/ml100k_fedrecon_mf.cfg, uniform weighting, 100 clients a
+round) through the `run_federated` binary once per `--secure_aggregation`
+mode, with `--secagg_verify`: every round, the driver checks that the
+protocol's sum is identical to the plain sum of the same client messages,
+so the model each round is the one TFF's plain-sum intrinsic would give.
+(The runs differ from each other only by their fresh DP noise draws.)
 """
 
 from __future__ import annotations
 
+import csv
+import json
 import math
+import os
+import subprocess
+import sys
+import tempfile
 import time
+from typing import Optional
 
 import numpy as np
 
 from benchmarks import common
+from privacy import he_aggregation
 from privacy import secagg
 from tff_rec.models import registry
 
@@ -73,8 +91,63 @@ def _plain(inputs: dict) -> tuple[dict, np.ndarray]:
           'exact': True}, total
 
 
-def run(out_dir: str, smoke: bool = False) -> str:
-  """Times plain sum, SecAgg and SecAgg+; writes secagg_cost.json/.md; the JSON path."""
+TRAINING_MODES = ('none', 'secagg_plus', 'secagg', 'he')
+TRAINING_FLAGS = ('--flagfile=experiments/flags/ml100k_fedrecon_mf.cfg', '--weighting=uniform',
+                  '--dp=ddp', '--dp_noise_multiplier=1.0', '--sampling=fixed_size',
+                  '--clients_per_round=100', '--total_rounds=10', '--eval_every=10',
+                  '--checkpoint_every=10')
+SMOKE_FLAGS = ('--dataset=synthetic', '--model=mf', '--embedding_dim=4', '--algorithm=fedrecon',
+               '--weighting=uniform', '--dp=ddp', '--dp_noise_multiplier=0.5',
+               '--sampling=fixed_size', '--clients_per_round=8', '--total_rounds=2',
+               '--eval_every=2')
+
+
+def _training(mode: str, smoke: bool, data_dir: Optional[str], root: str) -> dict:
+  """One DP-FedRecon ddp run under `mode`; its RMSE, time and per-round protocol metrics."""
+  argv = [sys.executable, '-m', 'experiments.run_federated', *(SMOKE_FLAGS if smoke
+                                                                else TRAINING_FLAGS),
+          f'--root_output_dir={root}', f'--experiment_name={mode}', '--noprogress_bar']
+  if data_dir and not smoke:
+    argv.append(f'--data_dir={data_dir}')
+  if mode != 'none':
+    argv += [f'--secure_aggregation={mode}', '--secagg_verify']
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
+  wall = time.perf_counter()
+  proc = subprocess.run(argv, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        env=env, capture_output=True, text=True)
+  wall = time.perf_counter() - wall
+  if proc.returncode:
+    raise RuntimeError(f'training under --secure_aggregation={mode} failed:\n{proc.stderr[-3000:]}')
+  run_dir = os.path.join(root, mode)
+  with open(os.path.join(run_dir, 'test_metrics.json')) as f:
+    test = json.load(f)
+  with open(os.path.join(run_dir, 'metrics.csv')) as f:
+    rounds = [r for r in csv.DictReader(f) if r.get('client_work/train/loss')]
+  row = {'mode': mode, 'rounds': len(rounds), 'test_rmse': float(test['rmse']), 'wall_s': wall}
+  if mode != 'none':
+    key = 'secure_aggregation/'
+    row.update(
+        exact_rounds=sum(int(r[key + 'exact_checked']) for r in rounds),
+        clients=int(rounds[-1][key + 'clients']), bits=int(rounds[-1][key + 'bits']),
+        client_cpu_s=float(np.mean([float(r[key + 'client_cpu_s']) for r in rounds])),
+        server_cpu_s=float(np.mean([float(r[key + 'server_cpu_s']) for r in rounds])),
+        upload_bytes=float(np.mean([float(r[key + 'upload_bytes']) for r in rounds])))
+    if row['exact_rounds'] != row['rounds']:
+      raise RuntimeError(f'{mode}: only {row["exact_rounds"]} of {row["rounds"]} rounds verified')
+  return row
+
+
+def _he(inputs: dict, dropped: tuple) -> tuple[dict, he_aggregation.HeResult]:
+  wall = time.perf_counter()
+  result = he_aggregation.run_protocol(inputs, bits=BITS, dropped=dropped)
+  return {'method': 'he (bfv)', 'client_cpu_s': result.client_seconds,
+          'server_cpu_s': result.server_seconds, 'keyholder_cpu_s': result.keyholder_seconds,
+          'upload_bytes': result.upload_bytes, 'message_rounds': result.message_rounds,
+          'tolerated_dropout': 1.0, 'wall_s': time.perf_counter() - wall}, result
+
+
+def run(out_dir: str, smoke: bool = False, data_dir: Optional[str] = None) -> str:
+  """Times plain sum, SecAgg, SecAgg+ and HE, then trains under each; writes secagg_cost.json/.md."""
   started = time.time()
   sizes = (12, 30) if smoke else (100, 943)
   num_users, num_items = (30, 40) if smoke else ML100K
@@ -105,15 +178,28 @@ def run(out_dir: str, smoke: bool = False) -> str:
                      'tolerated_dropout': 1 - threshold / size,
                      'wall_s': time.perf_counter() - wall,
                      'exact': bool(np.array_equal(result.total, expected))})
+      row, result = _he(inputs, dropped)
+      rows.append(dict(row, model=model, length=length, clients=n,
+                       exact=bool(np.array_equal(result.total, expected))))
   if not all(r['exact'] for r in rows):
     raise RuntimeError('a secure sum differed from the plain sum: ' +
                        str([r for r in rows if not r['exact']]))
+  with tempfile.TemporaryDirectory() as root:
+    training = [_training(mode, smoke, data_dir, root) for mode in TRAINING_MODES]
   parameters = {'bits': BITS, 'users_items': [num_users, num_items], 'models': MODELS,
-                'clients': list(sizes), 'dropout_before_masked_input': 0.05, 'smoke': smoke}
+                'clients': list(sizes), 'dropout_before_masked_input': 0.05, 'smoke': smoke,
+                'training_flags': list(SMOKE_FLAGS if smoke else TRAINING_FLAGS)}
   md = '\n'.join([
       f'# Secure aggregation cost ({BITS}-bit vectors, {num_users} users x {num_items} items)', '',
       common.machine_line(), '',
       common.markdown_table(rows, ['model', 'length', 'clients', 'method', 'degree', 'threshold',
-                                   'client_cpu_s', 'server_cpu_s', 'upload_bytes',
-                                   'message_rounds', 'tolerated_dropout', 'exact']), ''])
-  return common.write_result(out_dir, NAME, parameters, {'rows': rows}, md, started)
+                                   'client_cpu_s', 'server_cpu_s', 'keyholder_cpu_s',
+                                   'upload_bytes', 'message_rounds', 'tolerated_dropout',
+                                   'exact']), '',
+      '## Training: DP-FedRecon with distributed DP, each --secure_aggregation mode', '',
+      ' '.join(SMOKE_FLAGS if smoke else TRAINING_FLAGS), '',
+      common.markdown_table(training, ['mode', 'rounds', 'exact_rounds', 'clients', 'bits',
+                                       'client_cpu_s', 'server_cpu_s', 'upload_bytes',
+                                       'test_rmse', 'wall_s']), ''])
+  return common.write_result(out_dir, NAME, parameters, {'rows': rows, 'training': training},
+                             md, started)

@@ -85,6 +85,10 @@ def define_dp_flags(flag_values: flags.FlagValues = FLAGS) -> None:
                      'secagg/secagg_plus/he: share of each round\'s clients that drop out before '
                      'sending their masked input (simulated; their DP noise is lost, see README).',
                      **fv)
+  flags.DEFINE_bool('secagg_verify', False,
+                    'secagg/secagg_plus/he: the driver also sums the clients\' vectors in the '
+                    'clear and stops unless the protocol\'s sum is identical (audits and '
+                    'benchmarks; a deployment would not).', **fv)
 
 
 def _field_flag(message: str) -> str:
@@ -131,7 +135,7 @@ def dp_config_from_flags(flag_values: flags.FlagValues = FLAGS) -> dp_aggregator
     raise app.UsageError(f'{_field_flag(str(e))}: {e}') from e
 
 
-SECAGG_FLAGS = ('secagg_threshold', 'secagg_degree', 'secagg_dropout')
+SECAGG_FLAGS = ('secagg_threshold', 'secagg_degree', 'secagg_dropout', 'secagg_verify')
 
 
 def secure_aggregation_from_flags(
@@ -162,7 +166,7 @@ def secure_aggregation_from_flags(
   try:
     return secure_rounds.SecureAggregationConfig(
         mode=v.secure_aggregation, threshold=v.secagg_threshold, degree=v.secagg_degree,
-        dropout=v.secagg_dropout, seed=seed)
+        dropout=v.secagg_dropout, seed=seed, verify=v.secagg_verify)
   except ValueError as e:
     message = str(e)
     raise app.UsageError(message if message.startswith('--') else

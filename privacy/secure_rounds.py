@@ -112,7 +112,7 @@ class SecureAggregationConfig:
   def report(self) -> dict:
     if not self.enabled:
       return {'mode': 'none'}
-    out = {'mode': self.mode, 'dropout': self.dropout, 'seed': self.seed}
+    out = {'mode': self.mode, 'dropout': self.dropout, 'seed': self.seed, 'verify': self.verify}
     if self.mode != 'he':
       out['threshold'] = self.threshold
     if self.mode == 'secagg_plus':

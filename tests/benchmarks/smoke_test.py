@@ -57,15 +57,24 @@ def test_federated_speed_reports_rounds_central_epochs_and_memory(smoke_dir):
   assert fits and fits[0]['b_ms_per_client'] is not None
 
 
-def test_secagg_cost_compares_plain_secagg_and_secagg_plus(smoke_dir):
-  rows = _load(os.path.join(smoke_dir, 'secagg_cost.json'))['results']['rows']
-  assert {r['method'] for r in rows} == {'plain sum', 'secagg', 'secagg+'}
+def test_secagg_cost_compares_plain_secagg_secagg_plus_and_he(smoke_dir):
+  result = _load(os.path.join(smoke_dir, 'secagg_cost.json'))['results']
+  rows = result['rows']
+  assert {r['method'] for r in rows} == {'plain sum', 'secagg', 'secagg+', 'he (bfv)'}
   assert all(r['exact'] for r in rows)
   secure = [r for r in rows if r['method'] != 'plain sum']
-  assert all(r['client_cpu_s'] > 0 and r['server_cpu_s'] > 0 and r['message_rounds'] == 4
-             for r in secure)
+  assert all(r['client_cpu_s'] > 0 and r['server_cpu_s'] > 0 for r in secure)
+  assert {r['message_rounds'] for r in secure if r['method'].startswith('secagg')} == {4}
+  assert all(r['keyholder_cpu_s'] > 0 for r in secure if r['method'] == 'he (bfv)')
   plain = {(r['model'], r['clients']): r['upload_bytes'] for r in rows if r['method'] == 'plain sum'}
   assert all(r['upload_bytes'] > plain[(r['model'], r['clients'])] for r in secure)
+  # Training under each mode: every protocol round verified equal to the plain sum.
+  training = {r['mode']: r for r in result['training']}
+  assert set(training) == {'none', 'secagg', 'secagg_plus', 'he'}
+  for mode, r in training.items():
+    assert r['rounds'] == 2 and 0 < r['test_rmse'] < 3
+    if mode != 'none':
+      assert r['exact_rounds'] == 2 and r['clients'] == 8 and r['upload_bytes'] > 0
 
 
 def test_algorithm_speed_reports_a_ratio_and_memory_per_algorithm(smoke_dir):

@@ -7,6 +7,7 @@ import pytest
 
 from experiments import dp_flags
 from privacy import federated_dp
+from privacy import secure_rounds
 from tff_rec.data import splits
 from tff_rec.data import synthetic
 from tff_rec.training import algorithms
@@ -100,6 +101,39 @@ def test_prepare_dp_for_run_without_dp_changes_nothing(split):
   config = _config(name='fedavg')
   same, setup = dp_flags.prepare_dp_for_run(federated_dp.DpConfig(), config, split)
   assert same is config and setup.aggregator is None and setup.extra_metrics_fn is None
+
+
+DDP = ('--dp=ddp', '--dp_noise_multiplier=1')
+
+
+def _secure(*argv, seed=0):
+  fv = _flags(*argv)
+  return dp_flags.secure_aggregation_from_flags(dp_flags.dp_config_from_flags(fv), seed, fv)
+
+
+def test_secure_aggregation_flags_map_to_the_config():
+  assert not _secure().enabled and not _secure(*DDP).enabled
+  config = _secure(*DDP, '--secure_aggregation=secagg_plus', '--secagg_threshold=0.75',
+                   '--secagg_degree=8', '--secagg_dropout=0.05', '--secagg_verify', seed=4)
+  assert config == secure_rounds.SecureAggregationConfig(
+      mode='secagg_plus', threshold=0.75, degree=8, dropout=0.05, seed=4, verify=True)
+  assert _secure(*DDP, '--secure_aggregation=he').mode == 'he'
+
+
+@pytest.mark.parametrize('argv, match', [
+    (['--secure_aggregation=secagg'], '--secure_aggregation=secagg needs --dp=ddp'),
+    (['--dp=gaussian_fixed', '--dp_noise_multiplier=1', '--dp_clip=1',
+      '--secure_aggregation=he'], 'needs --dp=ddp'),
+    ([*DDP, '--secagg_dropout=0.1'], '--secagg_dropout needs --secure_aggregation'),
+    ([*DDP, '--secure_aggregation=secagg', '--secagg_degree=4'], '--secagg_degree needs'),
+    ([*DDP, '--secure_aggregation=he', '--secagg_threshold=0.8'], '--secagg_threshold is for'),
+    ([*DDP, '--secure_aggregation=secagg', '--secagg_threshold=0.4'], '--secagg_threshold'),
+    ([*DDP, '--secure_aggregation=secagg_plus', '--secagg_degree=5'], '--secagg_degree'),
+    ([*DDP, '--secure_aggregation=secagg', '--secagg_dropout=1'], '--secagg_dropout'),
+])
+def test_bad_secure_aggregation_flags_name_the_flag(argv, match):
+  with pytest.raises(app.UsageError, match=match):
+    _secure(*argv)
 
 
 if __name__ == '__main__':

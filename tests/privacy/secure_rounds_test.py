@@ -215,7 +215,7 @@ def test_a_run_trains_and_resumes_under_secagg_plus(split, tmp_path):
   run_dir = tmp_path / run.experiment_name
   hparams = json.loads((run_dir / 'hparams.json').read_text())
   assert hparams['secure_aggregation'] == {'mode': 'secagg_plus', 'dropout': 0.125, 'seed': 0,
-                                           'threshold': 2 / 3, 'degree': None}
+                                           'verify': False, 'threshold': 2 / 3, 'degree': None}
   config3 = experiment.FederatedConfig(**{**_config().__dict__, 'total_rounds': 3})
   prepared = run_setup.prepare_run(config3, run, split, dp_config=dp, secure_aggregation=sa)
   experiment.run_federated(prepared.config, prepared.execution, **prepared.run_kwargs)
