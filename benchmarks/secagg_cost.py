@@ -147,7 +147,7 @@ def _he(inputs: dict, dropped: tuple) -> tuple[dict, he_aggregation.HeResult]:
 
 
 def run(out_dir: str, smoke: bool = False, data_dir: Optional[str] = None) -> str:
-  """Times plain sum, SecAgg, SecAgg+ and HE, then trains under each; writes secagg_cost.json/.md."""
+  """Times plain sum, SecAgg, SecAgg+, HE; trains under each; writes secagg_cost.{json,md}."""
   started = time.time()
   sizes = (12, 30) if smoke else (100, 943)
   num_users, num_items = (30, 40) if smoke else ML100K

@@ -186,7 +186,8 @@ def execution_from_flags() -> execution_lib.ExecutionConfig:
 
 def prepare_run(config: experiment.FederatedConfig, execution: execution_lib.ExecutionConfig, split,
                 dp_config, compression: str, compression_threshold: int,
-                secure_aggregation=secure_rounds.SecureAggregationConfig()) -> tuple[experiment.FederatedConfig, execution_lib.ExecutionConfig, dict]:
+                secure_aggregation=secure_rounds.SecureAggregationConfig()
+                ) -> tuple[experiment.FederatedConfig, execution_lib.ExecutionConfig, dict]:
   """`run_setup.prepare_run` for the flags; UsageError naming the flag if refused."""
   try:
     prepared = run_setup.prepare_run(config, execution, split, dp_config=dp_config,

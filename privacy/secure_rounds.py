@@ -286,7 +286,7 @@ class SecureRoundProcess:
       plain = np.zeros_like(result.total)
       for u in survivors:
         plain = plain + vectors[u]
-      plain &= np.uint64((1 << bits) - 1) if bits < 64 else np.uint64(-1)
+      plain &= np.uint64((1 << bits) - 1) if bits < 64 else np.uint64(0xFFFFFFFFFFFFFFFF)
       if not np.array_equal(plain, result.total):
         raise SecureRoundError(f'round {self._round}: the protocol sum differs from the plain sum')
     aggregated = self._aggregate([outputs[u][0] for u in survivors])
