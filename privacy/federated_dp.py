@@ -48,9 +48,12 @@ never released, so they are not part of the guarantee.
 
 Trust: the guarantee is about what is released, not about what the server
 sees. In the central modes a trusted server receives every clipped update in
-the clear and adds the noise; only 'ddp' (clients add noise shares, secure
-aggregation reveals only the sum) limits what the server itself learns. FedAvg with a user table (each user's own row inside the global model)
-is refused: the released model would contain every participant's row, which
+the clear and adds the noise; only 'ddp' (clients add noise shares) with
+`--secure_aggregation=secagg|secagg_plus|he` (privacy/secure_rounds.py: the
+server learns only the sum) limits what the server itself learns; with the
+default `--secure_aggregation=none`, TFF's simulated secure sum is a plain
+sum and the server-side code sees each client's vector. FedAvg with a user
+table (each user's own row inside the global model) is refused: the released model would contain every participant's row, which
 no clipping of the update turns into a meaningful user-level guarantee for
 per-user parameters; use FedRecon. The row-sparse mean is never used with DP
 (it reveals which rows each client touched).
