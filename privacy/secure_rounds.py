@@ -221,6 +221,9 @@ class SecureRoundProcess:
     parts = []
     values = (tff.structure.flatten(outputs[1]) + tff.structure.flatten(outputs[2])
               + tff.structure.flatten(outputs[3]))
+    if len(values) != len(self._slots):
+      raise SecureRoundError(f'a client sent {len(values)} secure-sum tensors, the form has '
+                             f'{len(self._slots)}')
     for k, (slot, v) in enumerate(zip(self._slots, values)):
       v = np.asarray(v)
       if v.size and (v.min() < 0 or int(v.max()) >= slot.bound):
