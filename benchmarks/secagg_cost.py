@@ -65,14 +65,9 @@ def update_length(model: str, num_users: int, num_items: int) -> int:
   return int(sum(np.prod(v.shape) for v in rec.global_variables if v.trainable))
 
 
-def _harary_degree(n: int) -> int:
-  degree = 2 * round(1.5 * math.log2(n))
-  return min(degree, n - 1 - (n - 1) % 2)
-
-
 def _methods(n: int) -> list[tuple[str, str, int, int]]:
   """(name, graph, degree or 0, threshold)."""
-  degree = _harary_degree(n)
+  degree = secagg.harary_degree(n)
   return [('secagg', 'complete', 0, math.ceil(2 * n / 3)),
           ('secagg+', 'harary', degree, math.ceil(2 * (degree + 1) / 3))]
 

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import secrets
 import time
 from typing import Mapping, Optional, Sequence
@@ -168,6 +169,16 @@ def _int(b: bytes) -> int:
 
 def _bytes32(i: int) -> bytes:
   return i.to_bytes(32, 'big')
+
+
+def harary_degree(n: int, degree: Optional[int] = None) -> int:
+  """SecAgg+'s graph degree for n clients (even, < n): given, or 2 round(1.5 log2 n).
+
+  O(log n) as in Bell et al. 2020, not computed from their bound for a given
+  corrupt/dropout fraction.
+  """
+  d = degree if degree is not None else 2 * round(1.5 * math.log2(max(n, 2)))
+  return max(2, min(d, n - 1 - (n - 1) % 2))
 
 
 def neighbours(num_clients: int, graph: str, degree: Optional[int] = None,

@@ -120,12 +120,6 @@ class SecureAggregationConfig:
     return out
 
 
-def harary_degree(n: int, degree: Optional[int] = None) -> int:
-  """SecAgg+'s graph degree for n clients (even, < n): given, or 2 round(1.5 log2 n)."""
-  d = degree if degree is not None else 2 * round(1.5 * math.log2(max(n, 2)))
-  return max(2, min(d, n - 1 - (n - 1) % 2))
-
-
 @dataclasses.dataclass(frozen=True)
 class _Slot:
   """One tensor of the secure-sum inputs: where it sits in the flat vector and its bound."""
@@ -260,11 +254,9 @@ class SecureRoundProcess:
     if bits > 64:
       raise SecureRoundError(f'the secure sums need {bits} bits; SecAgg runs in Z_2^64 at most')
     graph = 'complete' if mode == 'secagg' else 'harary'
-    degree = harary_degree(n, self._config.degree)
+    degree = secagg.harary_degree(n, self._config.degree)
     size = n if graph == 'complete' else min(degree + 1, n)
-    threshold = max(1, math.ceil(self._config.threshold * size))
-    if threshold <= size / 2:
-      threshold = size // 2 + 1
+    threshold = math.ceil(self._config.threshold * size)  # > size / 2: the config checks > 0.5
     result = secagg.run_protocol(
         vectors, bits=bits, threshold=threshold, graph=graph,
         degree=degree if graph == 'harary' else None,

@@ -7,18 +7,12 @@ import pytest
 import tenseal as ts
 
 from privacy import he_aggregation as he
+from tests.privacy.secagg_test import _plain_sum
 
 
 def _inputs(n, length, bits, seed=0):
   rng = np.random.default_rng(seed)
   return {u: rng.integers(0, 1 << bits, length, dtype=np.uint64) for u in range(n)}
-
-
-def _plain_sum(inputs, clients, bits):
-  out = np.zeros(len(next(iter(inputs.values()))), dtype=object)
-  for u in clients:
-    out = out + inputs[u].astype(object)
-  return np.array([int(v) % (1 << bits) for v in out], np.uint64)
 
 
 @pytest.mark.parametrize('n, length, bits, dropped', [

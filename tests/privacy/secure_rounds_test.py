@@ -191,8 +191,8 @@ def test_config_checks_name_the_flag():
                        (dict(mode='secagg_plus', degree=3), '--secagg_degree')):
     with pytest.raises(ValueError, match=flag):
       SAConfig(**kwargs)
-  assert secure_rounds.harary_degree(943) == 30 and secure_rounds.harary_degree(8) == 6
-  assert secure_rounds.harary_degree(100, 4) == 4
+  assert secagg.harary_degree(943) == 30 and secagg.harary_degree(8) == 6
+  assert secagg.harary_degree(100, 4) == 4
 
 
 def test_prepare_run_refuses_a_protocol_without_distributed_dp(split):
