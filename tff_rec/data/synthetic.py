@@ -109,3 +109,40 @@ def synthetic_ratings(
       rating_scale=(low, high), name=f'synthetic-{seed}',
   )
   return SyntheticData(r, user_factors, item_factors, center)
+
+
+def clustered_interactions(num_users: int = 60, num_items: int = 120, *, num_clusters: int = 4,
+                           per_user: int = 20, in_cluster: float = 0.9,
+                           seed: int = 0) -> ratings_lib.Ratings:
+  """Implicit feedback with structure a recommender can learn, for tests.
+
+  Items are split into `num_clusters` equal groups and user u belongs to
+  group `u % num_clusters`; each user interacts with `per_user` distinct
+  items, each from its own group with probability `in_cluster` and uniform
+  otherwise, at distinct increasing timestamps in random order. All ratings
+  are 1.
+  """
+  if not 0 < num_clusters <= num_items or num_items % num_clusters:
+    raise ValueError(f'num_items ({num_items}) must split into num_clusters ({num_clusters}) groups')
+  size = num_items // num_clusters
+  if not 0 < per_user <= size:
+    raise ValueError(f'per_user must be in [1, {size}], got {per_user}')
+  if not 0.0 <= in_cluster <= 1.0:
+    raise ValueError(f'in_cluster must be in [0, 1], got {in_cluster}')
+  rng = np.random.default_rng(seed)
+  users, items = [], []
+  for u in range(num_users):
+    group = np.arange(size) + (u % num_clusters) * size
+    chosen: list[int] = []
+    while len(chosen) < per_user:
+      i = int(rng.choice(group)) if rng.random() < in_cluster else int(rng.integers(num_items))
+      if i not in chosen:
+        chosen.append(i)
+    users += [u] * per_user
+    items += chosen
+  stamps = np.concatenate([1_000_000_000 + rng.permutation(per_user) for _ in range(num_users)])
+  return ratings_lib.Ratings(
+      users=np.array(users), items=np.array(items), ratings=np.ones(len(users), np.float32),
+      timestamps=stamps, user_index=ratings_lib.IdIndex.from_raw(str(u) for u in range(num_users)),
+      item_index=ratings_lib.IdIndex.from_raw(str(i) for i in range(num_items)),
+      rating_scale=(1.0, 1.0), name=f'clustered-{seed}')

@@ -1,0 +1,63 @@
+"""Personalized federated recommenders by name, trained under the federated-NCF protocol.
+
+  result = personalized.train(
+      'pfedrec', data, hparams=pfedrec.PFedRecConfig(),
+      loop=personalized_loop.LoopConfig(rounds=100, protocol='leak_free'),
+      run_dir='runs/pfedrec')
+
+Each algorithm is a TFF iterative process whose device state is threaded
+through `personalized_loop` (see `pfedrec`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import tensorflow_federated as tff
+
+from tff_rec.data import fedrec_protocol
+from tff_rec.training import personalized_loop
+from tff_rec.training import pfedrec
+
+ALGORITHMS = ('pfedrec',)
+HPARAMS = {'pfedrec': pfedrec.PFedRecConfig}
+
+
+def check_algorithm(name: str) -> str:
+  if name not in ALGORITHMS:
+    raise ValueError(f'unknown personalized algorithm {name!r}; valid: {", ".join(ALGORITHMS)}')
+  return name
+
+
+def train(algorithm: str, data: fedrec_protocol.FedRecData, *, hparams,
+          loop: personalized_loop.LoopConfig, run_dir: str,
+          model_aggregator: Optional[tff.aggregators.UnweightedAggregationFactory] = None,
+          aggregator_description: str = 'uniform mean', progress: bool = True
+          ) -> personalized_loop.LoopResult:
+  """Trains `algorithm` on `data` (or resumes it in `run_dir`).
+
+  Args:
+    algorithm: One of `ALGORITHMS`.
+    data: The protocol's split (`fedrec_protocol.fedrec_split`).
+    hparams: The algorithm's config (`HPARAMS[algorithm]`).
+    loop: Rounds, participation, protocol and seed.
+    run_dir: The run directory.
+    model_aggregator: Aggregator of the shared part (default: uniform mean).
+    aggregator_description: How the aggregator is recorded in the run's
+      configuration (a resume with another one is refused).
+    progress: Show a progress bar.
+
+  Returns:
+    `personalized_loop.LoopResult`.
+  """
+  check_algorithm(algorithm)
+  if not isinstance(hparams, HPARAMS[algorithm]):
+    raise TypeError(f'{algorithm} takes {HPARAMS[algorithm].__name__}, got {type(hparams).__name__}')
+  process = pfedrec.build_pfedrec(config=hparams, num_items=data.num_items, seed=loop.seed,
+                                  model_aggregator=model_aggregator)
+  _, head = pfedrec.initial_values(hparams, data.num_items, loop.seed)
+  description = dict(algorithm=algorithm, hparams=dataclasses.asdict(hparams),
+                     aggregator=aggregator_description)
+  return personalized_loop.run(process, initial_personal=head, data=data, config=loop,
+                               run_dir=run_dir, description=description, progress=progress)
