@@ -30,7 +30,7 @@ from benchmarks import common
 FLAGS = flags.FLAGS
 
 BENCHMARKS = ('federated_speed', 'algorithm_speed', 'accountant_speed', 'compression_benchmark',
-              'secagg_cost')
+              'secagg_cost', 'pfedrec_speed')
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SHARED_DATA = os.path.join(os.path.dirname(_REPO_ROOT), 'shared', 'data')
 
@@ -74,6 +74,9 @@ def run_one(name: str, out_dir: str, smoke: bool, data_dir: Optional[str]) -> Op
   if name == 'secagg_cost':
     from benchmarks import secagg_cost  # pylint: disable=g-import-not-at-top
     return secagg_cost.run(out_dir, smoke=smoke, data_dir=data_dir)
+  if name == 'pfedrec_speed':
+    from benchmarks import pfedrec_speed  # pylint: disable=g-import-not-at-top
+    return pfedrec_speed.run(out_dir, smoke=smoke, data_dir=data_dir)
   if name == 'compression_benchmark':
     # Another module's absl binary (flags prefixed `compression_`).
     argv = [sys.executable, '-m', 'benchmarks.compression_benchmark',

@@ -24,6 +24,10 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ('tff_rec', 'privacy', 'compression', 'experiments', 'benchmarks', 'tests')
 SKIP = {'__init__.py', 'conftest.py'}
+# A script that runs under another interpreter (e.g. a reference implementation's
+# own environment) starts with this line: it becomes a filegroup, data of the files
+# that name it, and its imports are not the toolkit's dependencies.
+FOREIGN_MARKER = '# tff-rec: runs under another interpreter'
 _BINARY_RUN = re.compile(r'-m[\'", ]+((?:experiments|benchmarks)\.[a-z_0-9]+)')
 # Import name -> pip distribution (as pinned in requirements*.txt / constraints.txt).
 THIRD_PARTY = {
@@ -117,10 +121,17 @@ def label(path: str) -> str:
 
 def render(package: str, files: list) -> str:
   kinds, blocks, uses_requirement = set(), [], False
+  texts = {}
+  for f in files:
+    with open(os.path.join(ROOT, package, f)) as fh:
+      texts[f] = fh.read()
+  foreign = sorted(f for f in files if texts[f].startswith(FOREIGN_MARKER + '\n'))
   for f in files:
     path = os.path.join(package, f)
-    with open(os.path.join(ROOT, path)) as fh:
-      text = fh.read()
+    text = texts[f]
+    if f in foreign:
+      blocks.append(f'filegroup(\n    name = "{f[:-3]}",\n    srcs = ["{f}"],\n)')
+      continue
     if f.endswith('_test.py'):
       kind = 'py_test'
       if not text.endswith(TEST_MAIN):
@@ -136,9 +147,9 @@ def render(package: str, files: list) -> str:
         for p in imported_files(path) if p != path)
     deps.sort(key=lambda d: (not d.startswith(':'), d))
     deps += [f'requirement("{r}")' for r in sorted(third_party(path))]
-    data = []
+    data = [f':{g[:-3]}' for g in foreign if g in text]
     if kind == 'py_test':
-      data = sorted({'//' + m.replace('.', ':', 1) for m in _BINARY_RUN.findall(text)})
+      data += sorted({'//' + m.replace('.', ':', 1) for m in _BINARY_RUN.findall(text)})
       if 'experiments/flags' in text or "'flags'" in text:
         data.append('//experiments:flags')
       if 'testdata' in text and os.path.isdir(os.path.join(ROOT, package, 'testdata')):

@@ -12,7 +12,7 @@ import pytest
 
 from tests import shared_data
 
-_MINE = ('federated_speed', 'algorithm_speed', 'accountant_speed', 'secagg_cost')
+_MINE = ('federated_speed', 'algorithm_speed', 'accountant_speed', 'secagg_cost', 'pfedrec_speed')
 
 
 @pytest.fixture(scope='module')
@@ -100,6 +100,18 @@ def test_accountant_speed_covers_rdp_and_pld(smoke_dir):
 def test_index_lists_every_benchmark_run(smoke_dir):
   index = _load(os.path.join(smoke_dir, 'run_all.json'))['results']
   assert set(index) == set(_MINE) and all(r['status'] == 'ok' for r in index.values())
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))
+
+
+def test_pfedrec_speed_times_ours_and_says_why_the_reference_did_not_run(smoke_dir):
+  rows = _load(os.path.join(smoke_dir, 'pfedrec_speed.json'))['results']['rows']
+  ours = [r for r in rows if r['implementation'].startswith('tff_rec')]
+  assert ours and all(r['round_s'] > 0 and r['clients'] == 60 for r in ours)
+  ref = [r for r in rows if r['implementation'].startswith('reference')]
+  assert ref and all(r.get('not_run') or r.get('round_s', 0) > 0 for r in ref)
 
 
 if __name__ == '__main__':
