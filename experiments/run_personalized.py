@@ -1,7 +1,7 @@
-"""Personalized federated recommendation (PFedRec) under the federated-NCF protocol.
+"""Personalized federated recommendation (PFedRec, FedRAP) under the federated-NCF protocol.
 
   python -m experiments.run_personalized --dataset=ml-100k --data_dir=../shared/data \\
-      --protocol=as_published --rounds=100
+      --protocol=as_published --rounds=100 [--algorithm=fedrap]
 
 One client per user, every client in every round by default (PFedRec's
 train.py). Leave-one-out by time with the val and test items each ranked
@@ -26,13 +26,15 @@ from tff_rec.data import errors
 from tff_rec.data import fedrec_protocol
 from tff_rec.training import data_setup
 from tff_rec.training import device_state
+from tff_rec.training import fedrap
 from tff_rec.training import personalized
 from tff_rec.training import personalized_loop
 from tff_rec.training import pfedrec
 
 FLAGS = flags.FLAGS
 
-_DEFAULTS = pfedrec.PFedRecConfig()
+_PFEDREC = pfedrec.PFedRecConfig()
+_FEDRAP = fedrap.FedRAPConfig()
 flags.DEFINE_enum('algorithm', 'pfedrec', list(personalized.ALGORITHMS), 'Personalized algorithm.')
 flags.DEFINE_enum('dataset', 'ml-100k', [d for d in data_setup.DATASETS if d != 'ncf-ml-1m'],
                   'MovieLens release (every rating is an interaction).')
@@ -45,34 +47,75 @@ flags.DEFINE_integer('rounds', 100, 'Federated rounds (a run directory may be co
 flags.DEFINE_integer('clients_per_round', None, 'Participants per round (default: every user).')
 flags.DEFINE_integer('negatives_per_positive', fedrec_protocol.TRAIN_NEGATIVES,
                      'Fresh training negatives per positive, each round.')
-flags.DEFINE_integer('embedding_dim', _DEFAULTS.embedding_dim, 'Item embedding size.')
-flags.DEFINE_float('learning_rate', _DEFAULTS.learning_rate, 'Client SGD rate of the score function.')
-flags.DEFINE_float('lr_eta', _DEFAULTS.lr_eta,
-                   'Item-embedding rate = learning_rate * num_items * lr_eta.')
-flags.DEFINE_integer('batch_size', _DEFAULTS.batch_size, 'Client batch size.')
-flags.DEFINE_integer('local_epochs', _DEFAULTS.local_epochs, 'Local epochs per round.')
-flags.DEFINE_float('l2', _DEFAULTS.l2, 'SGD weight decay of head and items.')
-flags.DEFINE_integer('top_k', _DEFAULTS.top_k, 'K of HR@K / NDCG@K.')
 flags.DEFINE_integer('eval_negatives', fedrec_protocol.EVAL_NEGATIVES,
                      'Sampled negatives per held-out item.')
+# Both algorithms (default: the algorithm's reference value).
+flags.DEFINE_integer('embedding_dim', None, 'Item embedding size (default 32).')
+flags.DEFINE_integer('batch_size', None, f'Client batch size (default: pfedrec {_PFEDREC.batch_size}, '
+                     f'fedrap {_FEDRAP.batch_size}).')
+flags.DEFINE_integer('local_epochs', None, f'Local epochs per round (default: pfedrec '
+                     f'{_PFEDREC.local_epochs}, fedrap at most {_FEDRAP.local_epochs}).')
+flags.DEFINE_integer('top_k', 10, 'K of HR@K / NDCG@K.')
+# PFedRec.
+flags.DEFINE_float('learning_rate', None, f'pfedrec: SGD rate of the score function (default '
+                   f'{_PFEDREC.learning_rate}).')
+flags.DEFINE_float('lr_eta', None, f'pfedrec: item rate = learning_rate * num_items * lr_eta '
+                   f'(default {_PFEDREC.lr_eta}).')
+flags.DEFINE_float('l2', None, 'pfedrec: SGD weight decay of head and items (default 0).')
+# FedRAP.
+flags.DEFINE_float('fedrap_head_lr', None, f'fedrap: head rate (default {_FEDRAP.head_learning_rate}).')
+flags.DEFINE_float('fedrap_item_lr', None, f'fedrap: rate of both item tables (default '
+                   f'{_FEDRAP.item_learning_rate}).')
+flags.DEFINE_float('fedrap_round_decay', None, f'fedrap: rates times this per round (default '
+                   f'{_FEDRAP.round_decay}).')
+flags.DEFINE_float('fedrap_weight_decay', None, f'fedrap: SGD weight decay (default '
+                   f'{_FEDRAP.weight_decay}).')
+flags.DEFINE_float('fedrap_lambda', None, f'fedrap: weight of -MSE(P, C) (default {_FEDRAP.lam}).')
+flags.DEFINE_float('fedrap_mu', None, f'fedrap: weight of the regularizer on C (default {_FEDRAP.mu}).')
+flags.DEFINE_enum('fedrap_regular', None, list(fedrap.REGULARIZERS),
+                  f'fedrap: regularizer on C (default {_FEDRAP.regular}).')
+flags.DEFINE_enum('fedrap_curriculum', None, list(fedrap.CURRICULA),
+                  'fedrap: none (the code: fixed lambda, mu) or tanh (the paper\'s schedule).')
+flags.DEFINE_float('fedrap_tol', None, f'fedrap: early-stop tolerance (default {_FEDRAP.tol}).')
 common_flags.define_output_flags('personalized')
 flags.DEFINE_bool('progress_bar', True, 'Show a progress bar.')
 
 
+_OWN_FLAGS = {
+    'pfedrec': {'learning_rate': 'learning_rate', 'lr_eta': 'lr_eta', 'l2': 'l2'},
+    'fedrap': {'fedrap_head_lr': 'head_learning_rate', 'fedrap_item_lr': 'item_learning_rate',
+               'fedrap_round_decay': 'round_decay', 'fedrap_weight_decay': 'weight_decay',
+               'fedrap_lambda': 'lam', 'fedrap_mu': 'mu', 'fedrap_regular': 'regular',
+               'fedrap_curriculum': 'curriculum', 'fedrap_tol': 'tol'},
+}
+_SHARED = ('embedding_dim', 'batch_size', 'local_epochs', 'top_k')
+
+
 def _configs():
   """(hparams, loop config), validated before any work; UsageError names the flag."""
-  for name in ('rounds', 'negatives_per_positive', 'embedding_dim', 'batch_size',
-               'local_epochs', 'top_k', 'eval_negatives', 'learning_rate', 'lr_eta'):
+  for name in ('rounds', 'negatives_per_positive', 'top_k', 'eval_negatives'):
     common_flags._positive(name)  # pylint: disable=protected-access
-  common_flags._positive('clients_per_round', allow_none=True)  # pylint: disable=protected-access
-  if FLAGS.l2 < 0:
-    raise app.UsageError(f'--l2 must be >= 0, got {FLAGS.l2}')
+  for name in ('clients_per_round', 'embedding_dim', 'batch_size', 'local_epochs', 'learning_rate',
+               'lr_eta', 'fedrap_head_lr', 'fedrap_item_lr', 'fedrap_round_decay'):
+    common_flags._positive(name, allow_none=True)  # pylint: disable=protected-access
+  for name in ('l2', 'fedrap_weight_decay', 'fedrap_lambda', 'fedrap_mu', 'fedrap_tol'):
+    if FLAGS[name].value is not None and FLAGS[name].value < 0:
+      raise app.UsageError(f'--{name} must be >= 0, got {FLAGS[name].value}')
   if FLAGS.data_dir is not None and not os.path.exists(FLAGS.data_dir):
     raise app.UsageError(f'--data_dir={FLAGS.data_dir} does not exist')
-  hparams = pfedrec.PFedRecConfig(
-      embedding_dim=FLAGS.embedding_dim, learning_rate=FLAGS.learning_rate, lr_eta=FLAGS.lr_eta,
-      batch_size=FLAGS.batch_size, local_epochs=FLAGS.local_epochs, l2=FLAGS.l2,
-      top_k=FLAGS.top_k)
+  algorithm = FLAGS.algorithm
+  for other, names in _OWN_FLAGS.items():
+    if other != algorithm:
+      given = [n for n in names if FLAGS[n].present]
+      if given:
+        raise app.UsageError(f'--{given[0]} is a flag of --algorithm={other}, not {algorithm}')
+  values = {field: FLAGS[flag].value for flag, field in _OWN_FLAGS[algorithm].items()}
+  values.update({name: FLAGS[name].value for name in _SHARED})
+  values = {k: v for k, v in values.items() if v is not None}
+  try:
+    hparams = personalized.HPARAMS[algorithm](**values)
+  except ValueError as e:
+    raise app.UsageError(f'--algorithm={algorithm} flags: {e}') from e
   loop = personalized_loop.LoopConfig(
       rounds=FLAGS.rounds, protocol=FLAGS.protocol, clients_per_round=FLAGS.clients_per_round,
       negatives_per_positive=FLAGS.negatives_per_positive, seed=FLAGS.seed)

@@ -22,6 +22,9 @@ def _binary(*argv):
     (['--lr_eta=-1'], '--lr_eta must be positive, got -1.0'),
     (['--clients_per_round=0'], '--clients_per_round must be positive, got 0'),
     (['--data_dir=/nonexistent/dir'], '--data_dir=/nonexistent/dir does not exist'),
+    (['--algorithm=fedrap', '--lr_eta=3'], '--lr_eta is a flag of --algorithm=pfedrec, not fedrap'),
+    (['--fedrap_lambda=0.5'], '--fedrap_lambda is a flag of --algorithm=fedrap, not pfedrec'),
+    (['--algorithm=fedrap', '--fedrap_mu=-1'], '--fedrap_mu must be >= 0, got -1.0'),
 ])
 def test_bad_flags_fail_cleanly_before_any_work(argv, message, tmp_path):
   proc = _binary(*argv, f'--root_output_dir={tmp_path}')
@@ -53,6 +56,25 @@ def test_pfedrec_on_ml100k_runs_and_continues(tmp_path):
   # A different configuration in the same run directory is refused.
   other = _binary(*common, '--rounds=4', '--lr_eta=10')
   assert other.returncode == 1 and 'different configuration' in other.stderr
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))
+
+
+@pytest.mark.slow
+def test_fedrap_on_ml100k_keeps_a_personal_table_per_device(tmp_path):
+  data_dir = os.path.dirname(shared_data.shared_file('ml-100k.zip'))
+  proc = _binary('--algorithm=fedrap', '--dataset=ml-100k', f'--data_dir={data_dir}',
+                 '--clients_per_round=40', '--rounds=2', f'--root_output_dir={tmp_path}',
+                 '--experiment_name=fr', '--progress_bar=false')
+  assert proc.returncode == 0, proc.stderr
+  config = json.loads((tmp_path / 'fr' / 'config.json').read_text())
+  assert config['algorithm'] == 'fedrap' and config['hparams']['item_learning_rate'] == 200.0
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  with np.load(tmp_path / 'fr' / 'devices' / 'round_000002.npz') as z:
+    assert z['personality'].shape[1:] == (1682, 32)
+    assert 40 <= z['__client_ids__'].size <= 80
 
 
 if __name__ == '__main__':

@@ -17,6 +17,7 @@ from tff_rec.models import metrics as metrics_lib
 from tff_rec.training import device_state
 from tff_rec.training import personalized
 from tff_rec.training import personalized_loop
+from tff_rec.training import personalized_process as pp
 from tff_rec.training import pfedrec
 from tff_rec.training import run_dir as run_dir_lib
 
@@ -79,7 +80,7 @@ def test_client_step_matches_reference_transcription(data):
   # damped where p(1 - p) falls below its 1e-12 clamp.
   x = tf.constant([30.0, -30.0, 0.0])
   p_low = float(np.float32(1 / (1 + np.exp(30.0))))
-  np.testing.assert_allclose(pfedrec._bce_logit_grad(x, tf.constant([0.0, 1.0, 1.0])).numpy(),
+  np.testing.assert_allclose(pp.bce_logit_grad(x, tf.constant([0.0, 1.0, 1.0])).numpy(),
                              [0.0, (p_low - 1) / 1e-12 * p_low / 3, -0.5 / 3], rtol=1e-5)
 
 
@@ -92,7 +93,7 @@ def test_device_metrics_match_toolkit_ranking(data):
     d = {k: tf.constant(v) for k, v in _client(
         data, u, fp.round_examples(data, 'leak_free', rng), u,
         {'head_w': 0, 'head_b': 0})['data'].items()}
-    for k, v in pfedrec.device_metrics(tf.constant(probs[u]), d, data.num_items, 10).items():
+    for k, v in pp.device_metrics(tf.constant(probs[u]), d, data.num_items, 10).items():
       got[k].append(float(v))
   users = np.arange(data.num_users)
   score = lambda uu, ii: probs[uu, ii]

@@ -1,4 +1,4 @@
-"""Personalized federated recommenders by name, trained under the federated-NCF protocol.
+"""Personalized federated recommenders by name (PFedRec, FedRAP), trained under the federated-NCF protocol.
 
   result = personalized.train(
       'pfedrec', data, hparams=pfedrec.PFedRecConfig(),
@@ -17,11 +17,12 @@ from typing import Optional
 import tensorflow_federated as tff
 
 from tff_rec.data import fedrec_protocol
+from tff_rec.training import fedrap
 from tff_rec.training import personalized_loop
 from tff_rec.training import pfedrec
 
-ALGORITHMS = ('pfedrec',)
-HPARAMS = {'pfedrec': pfedrec.PFedRecConfig}
+ALGORITHMS = ('pfedrec', 'fedrap')
+HPARAMS = {'pfedrec': pfedrec.PFedRecConfig, 'fedrap': fedrap.FedRAPConfig}
 
 
 def check_algorithm(name: str) -> str:
@@ -54,10 +55,12 @@ def train(algorithm: str, data: fedrec_protocol.FedRecData, *, hparams,
   check_algorithm(algorithm)
   if not isinstance(hparams, HPARAMS[algorithm]):
     raise TypeError(f'{algorithm} takes {HPARAMS[algorithm].__name__}, got {type(hparams).__name__}')
-  process = pfedrec.build_pfedrec(config=hparams, num_items=data.num_items, seed=loop.seed,
-                                  model_aggregator=model_aggregator)
-  _, head = pfedrec.initial_values(hparams, data.num_items, loop.seed)
+  module = {'pfedrec': pfedrec, 'fedrap': fedrap}[algorithm]
+  build = {'pfedrec': pfedrec.build_pfedrec, 'fedrap': fedrap.build_fedrap}[algorithm]
+  process = build(config=hparams, num_items=data.num_items, seed=loop.seed,
+                  model_aggregator=model_aggregator)
+  _, device0 = module.initial_values(hparams, data.num_items, loop.seed)
   description = dict(algorithm=algorithm, hparams=dataclasses.asdict(hparams),
                      aggregator=aggregator_description)
-  return personalized_loop.run(process, initial_personal=head, data=data, config=loop,
+  return personalized_loop.run(process, initial_personal=device0, data=data, config=loop,
                                run_dir=run_dir, description=description, progress=progress)

@@ -13,25 +13,17 @@ commit abc2380), as a TFF iterative process:
   :114-119); the fine-tuned table is the client's *personal view* of the
   items, used for its own evaluation (engine.py:172), and the server averages
   the tables uniformly over the participants (engine.py:67-80);
-* the loss is PyTorch's `BCELoss` on sigmoid outputs, whose backward pass
-  returns a zero gradient once float32 sigmoid saturates at 1.0. That matters
-  at the item learning rate the paper uses (about 3e4 on ML-1M), so the
-  gradients are written out (`_bce_logit_grad`) to match it;
+* the loss is PyTorch's `BCELoss` on sigmoid outputs, with its backward
+  pass (`personalized_process.bce_logit_grad`): that matters at the item
+  learning rate the paper uses (about 3e4 on ML-1M);
 * ranking metrics are computed on the device from the float32 probabilities,
   ties counted against the held-out item (the reference's `rank(method=
   'first')` with negatives listed first, metrics.py:35-40).
 
-Why the client work is written here rather than as a
-`tff.learning.templates.ClientWorkProcess`: that template returns only a
-`ClientResult` and SERVER-placed measurements, while a personalized client
-must also return its new device state. The rest is TFF's:
-`build_broadcast_process` (distributor), any unweighted `tff.aggregators`
-factory (default `UnweightedMeanFactory`, the reference's plain mean; DP
-factories plug in the same way), and `build_apply_optimizer_finalizer` with
-SGD at rate 1 (the reference's server step). The round's `next` returns
-`(state, device_states@CLIENTS, metrics@SERVER)`; the aggregator is created
-for the item table's type alone, so nothing else can reach the server except
-scalar metric sums.
+The round is `personalized_process.build_process` (TFF's distributor,
+aggregator and finalizer; see there why the client work is ours). The
+aggregator is created for the item table's type alone, so nothing else can
+reach the server except scalar metric sums.
 """
 
 from __future__ import annotations
@@ -45,11 +37,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
-METRIC_SUMS = ('loss_sum', 'num_examples', 'num_clients', 'non_finite_updates',
-               'val_hit', 'val_ndcg', 'test_hit', 'test_ndcg',
-               'val_full_hit', 'val_full_ndcg', 'test_full_hit', 'test_full_ndcg')
-# torch.nn.BCELoss clamps its denominator at this epsilon (aten/src/ATen/native/Loss.cpp).
-_TORCH_BCE_EPS = 1e-12
+from tff_rec.training import personalized_process as pp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,34 +97,6 @@ def personal_type(config: PFedRecConfig) -> tff.StructType:
       head_b=tff.TensorType(np.float32)))
 
 
-def data_type() -> tff.StructType:
-  """One client's round input: its shuffled examples and its held-out items."""
-  return tff.to_type(collections.OrderedDict(
-      items=tff.TensorType(np.int32, [None]),
-      labels=tff.TensorType(np.float32, [None]),
-      train_items=tff.TensorType(np.int32, [None]),
-      val_item=tff.TensorType(np.int32),
-      val_negatives=tff.TensorType(np.int32, [None]),
-      test_item=tff.TensorType(np.int32),
-      test_negatives=tff.TensorType(np.int32, [None])))
-
-
-def _bce_logit_grad(logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
-  """d mean(BCELoss(sigmoid(x), y)) / dx, as PyTorch's backward computes it."""
-  p = tf.sigmoid(logits)
-  p1 = p * (1.0 - p)
-  n = tf.cast(tf.size(labels), tf.float32)
-  return (p - labels) / tf.maximum(p1, _TORCH_BCE_EPS) * ((1.0 - p) * p) / n
-
-
-def _bce_loss(logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
-  """mean BCELoss(sigmoid(x), y) with PyTorch's log clamp at -100."""
-  p = tf.sigmoid(logits)
-  log_p = tf.maximum(tf.math.log(p), -100.0)
-  log_q = tf.maximum(tf.math.log(1.0 - p), -100.0)
-  return -tf.reduce_mean(labels * log_p + (1.0 - labels) * log_q)
-
-
 def local_train(table, head_w, head_b, items, labels, *, config: PFedRecConfig, num_items: int):
   """The reference client's local epochs (engine.py:124-130) on tensors.
 
@@ -160,7 +120,7 @@ def local_train(table, head_w, head_b, items, labels, *, config: PFedRecConfig, 
     y = labels[start:end]
     e = tf.gather(table, it)
     # Score-function (head) step.
-    g = _bce_logit_grad(tf.linalg.matvec(e, w) + bias, y)
+    g = pp.bce_logit_grad(tf.linalg.matvec(e, w) + bias, y)
     grad_w = tf.linalg.matvec(e, g, transpose_a=True)
     grad_b = tf.reduce_sum(g)
     if l2:
@@ -170,8 +130,8 @@ def local_train(table, head_w, head_b, items, labels, *, config: PFedRecConfig, 
     bias = bias - lr * grad_b
     # Item-embedding step with the updated head.
     logits = tf.linalg.matvec(e, w) + bias
-    loss_sum += _bce_loss(logits, y) * tf.cast(end - start, tf.float32)
-    g = _bce_logit_grad(logits, y)
+    loss_sum += pp.bce_loss(logits, y) * tf.cast(end - start, tf.float32)
+    g = pp.bce_logit_grad(logits, y)
     rows = g[:, None] * w[None, :]
     if l2:
       table = table * (1.0 - item_lr * l2)
@@ -184,34 +144,6 @@ def local_train(table, head_w, head_b, items, labels, *, config: PFedRecConfig, 
   return table, head_w, head_b, loss_sum, n * config.local_epochs
 
 
-def _rank_gain(rank, k: int):
-  hit = tf.cast(rank < k, tf.float32)
-  return hit, hit / (tf.math.log(tf.cast(rank, tf.float32) + 2.0) / math.log(2.0))
-
-
-def device_metrics(probs: tf.Tensor, data, num_items: int, k: int) -> dict:
-  """HR@k and NDCG@k of the val and test items, sampled and full ranking.
-
-  Sampled: the held-out item against its 99 negatives. Full: against every
-  item outside the user's training set, other than itself. A rank counts
-  the candidates with probability >= the item's (ties against it).
-  """
-  out = {}
-  not_train = tf.tensor_scatter_nd_update(
-      tf.ones([num_items], tf.bool), data['train_items'][:, None],
-      tf.zeros_like(data['train_items'], tf.bool))
-  for part in ('val', 'test'):
-    target = data[f'{part}_item']
-    p = probs[target]
-    negs = tf.gather(probs, data[f'{part}_negatives'])
-    rank = tf.reduce_sum(tf.cast(negs >= p, tf.int32))
-    out[f'{part}_hit'], out[f'{part}_ndcg'] = _rank_gain(rank, k)
-    cand = tf.tensor_scatter_nd_update(not_train, target[None, None], [False])
-    full_rank = tf.reduce_sum(tf.cast(tf.logical_and(cand, probs >= p), tf.int32))
-    out[f'{part}_full_hit'], out[f'{part}_full_ndcg'] = _rank_gain(full_rank, k)
-  return out
-
-
 def build_client_update(config: PFedRecConfig, num_items: int, weights_type, client_type):
   """The client's TF computation.
 
@@ -222,43 +154,33 @@ def build_client_update(config: PFedRecConfig, num_items: int, weights_type, cli
     client_type: `OrderedDict(personal=personal_type(config), data=data_type())`.
 
   Returns:
-    A `tff.tensorflow.computation` mapping (global weights, client input) to
-    (ClientResult(initial - fine-tuned table, 1.0), new device state, metric
-    sums over `METRIC_SUMS`). A non-finite update is zeroed and counted.
+    A `tff.tensorflow.computation` mapping (global weights, round number,
+    client input) to (ClientResult(initial - fine-tuned table, 1.0), new
+    device state, sums over `personalized_process.METRIC_SUMS`): the
+    client evaluates with its own fine-tuned table and head, as the
+    reference does (engine.py:172). A non-finite update is zeroed and counted.
   """
 
-  @tff.tensorflow.computation(weights_type, client_type)
-  def client_update(weights, client):
+  @tff.tensorflow.computation(weights_type, tff.TensorType(np.int32), client_type)
+  def client_update(weights, round_num, client):
+    del round_num  # PFedRec's rates are constant
     table = weights.trainable[0]
     personal, data = client['personal'], client['data']
     local, head_w, head_b, loss_sum, num_examples = local_train(
         table, personal['head_w'], personal['head_b'], data['items'], data['labels'],
         config=config, num_items=num_items)
     probs = tf.sigmoid(tf.linalg.matvec(local, head_w) + head_b)
-    metrics = device_metrics(probs, data, num_items, config.top_k)
-    delta = table - local
-    finite = tf.reduce_all(tf.math.is_finite(delta))
-    delta = tf.where(finite, delta, tf.zeros_like(delta))
+    metrics = pp.device_metrics(probs, data, num_items, config.top_k)
+    delta, non_finite = pp.zero_if_not_finite(table - local)
     new_personal = collections.OrderedDict(head_w=head_w, head_b=head_b)
     sums = collections.OrderedDict(
         loss_sum=loss_sum, num_examples=tf.cast(num_examples, tf.float32),
-        num_clients=tf.constant(1.0), non_finite_updates=1.0 - tf.cast(finite, tf.float32),
-        **{k: metrics[k] for k in METRIC_SUMS[4:]})
+        num_clients=tf.constant(1.0), non_finite_updates=non_finite,
+        **{k: metrics[k] for k in pp.EVAL_SUMS})
     result = tff.learning.templates.ClientResult(update=(delta,), update_weight=tf.constant(1.0))
     return result, new_personal, sums
 
   return client_update
-
-
-def _finalize_metrics(sums):
-  n = tf.maximum(sums['num_clients'], 1.0)
-  out = collections.OrderedDict(
-      loss=sums['loss_sum'] / tf.maximum(sums['num_examples'], 1.0),
-      num_clients=sums['num_clients'], num_examples=sums['num_examples'],
-      non_finite_updates=sums['non_finite_updates'])
-  for k in METRIC_SUMS[4:]:
-    out[k.replace('_hit', '_hr')] = sums[k] / n
-  return out
 
 
 def build_pfedrec(*, config: PFedRecConfig, num_items: int, seed: int = 0,
@@ -285,49 +207,11 @@ def build_pfedrec(*, config: PFedRecConfig, num_items: int, seed: int = 0,
   Raises:
     TypeError: a weighted aggregation factory.
   """
-  if model_aggregator is None:
-    model_aggregator = tff.aggregators.UnweightedMeanFactory()
-  if not isinstance(model_aggregator, tff.aggregators.UnweightedAggregationFactory):
-    raise TypeError('PFedRec averages uniformly (engine.py:80): model_aggregator must be a '
-                    f'tff.aggregators.UnweightedAggregationFactory, got {type(model_aggregator)}')
   table0, _ = initial_values(config, num_items, seed)
-  table_type = tff.TensorType(np.float32, table0.shape)
-  weights_type = tff.to_type(tff.learning.models.ModelWeights(trainable=(table_type,),
-                                                              non_trainable=()))
-  p_type = personal_type(config)
-  client_type = tff.to_type(collections.OrderedDict(personal=p_type, data=data_type()))
-  client_update = build_client_update(config, num_items, weights_type, client_type)
-  distributor = tff.learning.templates.build_broadcast_process(weights_type)
-  aggregator = model_aggregator.create(weights_type.trainable)
-  finalizer = tff.learning.templates.build_apply_optimizer_finalizer(
-      tff.learning.optimizers.build_sgdm(learning_rate=1.0), weights_type)
-
-  @tff.tensorflow.computation
-  def initial_weights():
-    return tff.learning.models.ModelWeights(trainable=(tf.constant(table0),), non_trainable=())
-
-  @tff.federated_computation
-  def initialize():
-    return tff.federated_zip(tff.learning.templates.LearningAlgorithmState(
-        global_model_weights=tff.federated_eval(initial_weights, tff.SERVER),
-        distributor=distributor.initialize(), client_work=tff.federated_value((), tff.SERVER),
-        aggregator=aggregator.initialize(), finalizer=finalizer.initialize()))
-
-  state_type = initialize.type_signature.result
-
-  @tff.federated_computation(state_type, tff.FederatedType(client_type, tff.CLIENTS))
-  def next_fn(state, clients):
-    broadcast = distributor.next(state.distributor, state.global_model_weights)
-    result, personal, sums = tff.federated_map(client_update, (broadcast.result, clients))
-    agg = aggregator.next(state.aggregator, result.update)
-    final = finalizer.next(state.finalizer, state.global_model_weights, agg.result)
-    metrics = tff.federated_map(tff.tensorflow.computation(_finalize_metrics),
-                                tff.federated_sum(sums))
-    new_state = tff.federated_zip(tff.learning.templates.LearningAlgorithmState(
-        global_model_weights=final.result, distributor=broadcast.state,
-        client_work=state.client_work, aggregator=agg.state, finalizer=final.state))
-    measurements = tff.federated_zip(collections.OrderedDict(
-        train=metrics, aggregator=agg.measurements, finalizer=final.measurements))
-    return collections.OrderedDict(state=new_state, personal=personal, metrics=measurements)
-
-  return tff.templates.IterativeProcess(initialize, next_fn)
+  w_type = pp.weights_type(table0.shape)
+  client_type = tff.to_type(collections.OrderedDict(personal=personal_type(config),
+                                                    data=pp.data_type()))
+  return pp.build_process(
+      initial_table=table0, personal_type=personal_type(config),
+      client_train=build_client_update(config, num_items, w_type, client_type),
+      model_aggregator=model_aggregator, algorithm='PFedRec (engine.py:80)')
