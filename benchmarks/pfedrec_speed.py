@@ -86,7 +86,7 @@ def run(out_dir: str, smoke: bool = False, data_dir: Optional[str] = None) -> st
   if smoke:
     scenarios = [('synthetic', None, 3)]
   else:
-    scenarios = [('ml-100k', 'ml-100k', 4), ('ml-1m', 'ml-1m', 3)]
+    scenarios = [('ml-100k', 'ml-100k', 4), ('ml-1m', 'ml-1m', 2)]
   rows = []
   for name, dataset, rounds in scenarios:
     if dataset is None:

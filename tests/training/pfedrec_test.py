@@ -224,6 +224,15 @@ def test_damaged_checkpoint_falls_back_a_round(data, tmp_path, tff_context):
                              run_dir=rd)
   assert again.rounds_run == 1
   assert again.history[-1]['val_hr'] == pytest.approx(first.history[-1]['val_hr'])
+  # Damaged device states of the last round: the run also goes back a round.
+  path = os.path.join(rd, 'devices', 'round_000003.npz')
+  with open(path, 'r+b') as f:
+    f.seek(60)
+    f.write(b'\x00\x01\x02')
+  third = personalized.train('pfedrec', data, hparams=cfg, loop=_loop(3), progress=False,
+                             run_dir=rd)
+  assert third.rounds_run == 1
+  assert third.history[-1]['val_hr'] == pytest.approx(first.history[-1]['val_hr'])
 
 
 def test_device_state_store(tmp_path):

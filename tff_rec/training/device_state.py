@@ -72,6 +72,16 @@ class DeviceStateStore:
         out.append(int(m.group(1)))
     return sorted(out)
 
+  def intact(self, round_num: int) -> bool:
+    """Whether round `round_num`'s file exists and matches its checksum (0: always)."""
+    if round_num == 0:
+      return True
+    try:
+      self._load(round_num)
+    except DeviceStateError:
+      return False
+    return True
+
   def _path(self, round_num: int) -> str:
     return os.path.join(self._dir, f'round_{round_num:06d}.npz')
 

@@ -217,7 +217,7 @@ def run(process, *, initial_personal: Mapping[str, np.ndarray],
     start = 0
     device_rounds = set(store.rounds())
     for r in reversed(ckpts.rounds()):
-      if r not in device_rounds:
+      if r not in device_rounds or not store.intact(r):
         continue
       loaded = ckpts.load(r, state)
       if loaded is not None:
