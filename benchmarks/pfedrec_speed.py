@@ -80,13 +80,20 @@ def _reference(dataset: Optional[str], rounds: int) -> dict:
               torch=lines[-1]['torch'], torch_threads=lines[-1]['threads'])
 
 
-def run(out_dir: str, smoke: bool = False, data_dir: Optional[str] = None) -> str:
-  """Times both implementations per scenario; writes pfedrec_speed.{json,md}."""
+def run(out_dir: str, smoke: bool = False, data_dir: Optional[str] = None,
+        only_scenarios=()) -> str:
+  """Times both implementations per scenario (all, or `only_scenarios` of
+  ml-100k, ml-1m); writes pfedrec_speed.{json,md}."""
   started = time.time()
   if smoke:
     scenarios = [('synthetic', None, 3)]
   else:
     scenarios = [('ml-100k', 'ml-100k', 4), ('ml-1m', 'ml-1m', 2)]
+    if only_scenarios:
+      unknown = set(only_scenarios) - {s[0] for s in scenarios}
+      if unknown:
+        raise ValueError(f'unknown pfedrec_speed scenarios {sorted(unknown)}; valid: ml-100k, ml-1m')
+      scenarios = [s for s in scenarios if s[0] in only_scenarios]
   rows = []
   for name, dataset, rounds in scenarios:
     if dataset is None:

@@ -39,7 +39,8 @@ flags.DEFINE_bool('smoke', False, 'Tiny synthetic versions (checks they run; num
 flags.DEFINE_list('only', [], f'Run only these benchmarks (of {", ".join(BENCHMARKS)}).')
 flags.DEFINE_string('data_dir', None, 'Folder holding ml-100k.zip / ml-1m.zip (default: '
                     '../shared/data next to the repo if present, else the usual MovieLens search).')
-flags.DEFINE_list('scenarios', [], 'federated_speed / algorithm_speed: run only these scenarios '
+flags.DEFINE_list('scenarios', [], 'federated_speed / algorithm_speed / pfedrec_speed: run only '
+                  'these scenarios '
                   '(default: all).')
 flags.DEFINE_list('variants', [], 'federated_speed: run only these variants (default: all).')
 flags.DEFINE_bool('in_process', False, 'Run the benchmarks in this process (no subprocess each).')
@@ -76,7 +77,8 @@ def run_one(name: str, out_dir: str, smoke: bool, data_dir: Optional[str]) -> Op
     return secagg_cost.run(out_dir, smoke=smoke, data_dir=data_dir)
   if name == 'pfedrec_speed':
     from benchmarks import pfedrec_speed  # pylint: disable=g-import-not-at-top
-    return pfedrec_speed.run(out_dir, smoke=smoke, data_dir=data_dir)
+    return pfedrec_speed.run(out_dir, smoke=smoke, data_dir=data_dir,
+                             only_scenarios=FLAGS.scenarios if FLAGS.is_parsed() else ())
   if name == 'compression_benchmark':
     # Another module's absl binary (flags prefixed `compression_`).
     argv = [sys.executable, '-m', 'benchmarks.compression_benchmark',
