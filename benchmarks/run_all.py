@@ -156,6 +156,7 @@ def main(argv: Sequence[str]) -> int:
   if FLAGS.variants or FLAGS.scenarios:
     from benchmarks import federated_speed  # pylint: disable=g-import-not-at-top
     names = {s.name for s in federated_speed.scenarios(FLAGS.smoke)}
+    names |= {'ml-100k', 'ml-1m'}  # pfedrec_speed's
     bad = [v for v in FLAGS.variants if v not in federated_speed.VARIANTS]
     bad += [s for s in FLAGS.scenarios if s not in names]
     if bad:
