@@ -26,7 +26,6 @@ import numpy as np
 
 from tff_rec import atomic
 
-_FILE_RE = re.compile(r'round_(\d+)\.npz$')
 _IDS = '__client_ids__'
 
 
@@ -36,6 +35,55 @@ class DeviceStateError(ValueError):
 
 def _sha256(data: bytes) -> str:
   return hashlib.sha256(data).hexdigest()
+
+
+class RoundFiles:
+  """`<prefix>_<round>.npz` files in a directory, each with a sha256 sidecar
+  that every read checks; the newest `keep` rounds are kept."""
+
+  def __init__(self, directory: str, prefix: str, keep: int = 2):
+    if keep < 1:
+      raise ValueError(f'keep must be >= 1, got {keep}')
+    self._dir = directory
+    self._prefix = prefix
+    self._keep = keep
+    self._re = re.compile(re.escape(prefix) + r'_(\d+)\.npz$')
+    os.makedirs(directory, exist_ok=True)
+
+  def path(self, round_num: int) -> str:
+    return os.path.join(self._dir, f'{self._prefix}_{round_num:06d}.npz')
+
+  def rounds(self) -> list[int]:
+    """Rounds with a file, ascending."""
+    found = (self._re.search(p) for p in glob.glob(os.path.join(self._dir, f'{self._prefix}_*.npz')))
+    return sorted(int(m.group(1)) for m in found if m)
+
+  def read(self, round_num: int) -> bytes:
+    """The file's bytes; DeviceStateError if missing or not matching its sidecar."""
+    path = self.path(round_num)
+    try:
+      with open(path, 'rb') as f:
+        data = f.read()
+      with open(path + '.sha256') as f:
+        expected = f.read().split()[0]
+    except (OSError, IndexError) as e:
+      raise DeviceStateError(f'{path}: cannot read: {e}') from None
+    if _sha256(data) != expected:
+      raise DeviceStateError(f'{path}: sha256 does not match {path}.sha256 (damaged file)')
+    return data
+
+  def write(self, round_num: int, data: bytes) -> str:
+    """Writes round `round_num` atomically with its sidecar, then drops rounds
+    older than the kept ones and any later than it (a stale future). Returns the path."""
+    path = self.path(round_num)
+    atomic.write(path, data)
+    atomic.write(path + '.sha256', _sha256(data) + '  ' + os.path.basename(path) + '\n')
+    for old in self.rounds():
+      if old <= round_num - self._keep or old > round_num:
+        for p in (self.path(old), self.path(old) + '.sha256'):
+          if os.path.exists(p):
+            os.remove(p)
+    return path
 
 
 class DeviceStateStore:
@@ -49,15 +97,12 @@ class DeviceStateStore:
   """
 
   def __init__(self, directory: str, initial: Mapping[str, np.ndarray], *, keep: int = 2):
-    if keep < 1:
-      raise ValueError(f'keep must be >= 1, got {keep}')
     self._dir = directory
+    self._files = RoundFiles(directory, 'round', keep)
     self._initial = {k: np.asarray(v) for k, v in initial.items()}
     if _IDS in self._initial:
       raise ValueError(f'{_IDS} is reserved')
-    self._keep = keep
     self._cache: Optional[tuple[int, dict]] = None
-    os.makedirs(directory, exist_ok=True)
 
   @property
   def directory(self) -> str:
@@ -65,12 +110,7 @@ class DeviceStateStore:
 
   def rounds(self) -> list[int]:
     """Rounds with a state file, ascending."""
-    out = []
-    for path in glob.glob(os.path.join(self._dir, 'round_*.npz')):
-      m = _FILE_RE.search(path)
-      if m:
-        out.append(int(m.group(1)))
-    return sorted(out)
+    return self._files.rounds()
 
   def intact(self, round_num: int) -> bool:
     """Whether round `round_num`'s file exists and matches its checksum (0: always)."""
@@ -82,22 +122,11 @@ class DeviceStateStore:
       return False
     return True
 
-  def _path(self, round_num: int) -> str:
-    return os.path.join(self._dir, f'round_{round_num:06d}.npz')
-
   def _load(self, round_num: int) -> dict:
     if self._cache is not None and self._cache[0] == round_num:
       return self._cache[1]
-    path = self._path(round_num)
-    try:
-      with open(path, 'rb') as f:
-        data = f.read()
-      with open(path + '.sha256') as f:
-        expected = f.read().split()[0]
-    except OSError as e:
-      raise DeviceStateError(f'{path}: cannot read device states: {e}') from None
-    if _sha256(data) != expected:
-      raise DeviceStateError(f'{path}: sha256 does not match {path}.sha256 (damaged file)')
+    path = self._files.path(round_num)
+    data = self._files.read(round_num)
     with np.load(io.BytesIO(data), allow_pickle=False) as z:
       table = {k: z[k] for k in z.files}
     ids = table[_IDS].tolist()
@@ -158,14 +187,5 @@ class DeviceStateStore:
         leaves[k][row[str(cid)]] = v
     buf = io.BytesIO()
     np.savez(buf, **{_IDS: np.array(ids, dtype=np.str_)}, **leaves)
-    data = buf.getvalue()
-    path = self._path(round_num)
-    atomic.write(path, data)
-    atomic.write(path + '.sha256', _sha256(data) + '  ' + os.path.basename(path) + '\n')
     self._cache = None
-    for old in self.rounds():
-      if old <= round_num - self._keep or old > round_num:
-        for p in (self._path(old), self._path(old) + '.sha256'):
-          if os.path.exists(p):
-            os.remove(p)
-    return path
+    return self._files.write(round_num, buf.getvalue())

@@ -23,12 +23,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import glob
-import hashlib
 import io
 import json
 import os
-import re
 import time
 from typing import Any, Callable, Mapping, Optional
 
@@ -41,7 +38,6 @@ from tff_rec.data import fedrec_protocol
 from tff_rec.training import device_state
 from tff_rec.training import run_dir as run_dir_lib
 
-_CKPT_RE = re.compile(r'server_(\d+)\.npz$')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,51 +107,30 @@ def client_inputs(data: fedrec_protocol.FedRecData, users: np.ndarray,
   return out
 
 
-def _sha(data: bytes) -> str:
-  return hashlib.sha256(data).hexdigest()
-
-
 class _ServerCheckpoints:
   """Server state after round r as `server_<r>.npz` (flattened leaves) + sha256."""
 
   def __init__(self, directory: str, keep: int = 2):
-    self._dir = directory
-    self._keep = keep
-    os.makedirs(directory, exist_ok=True)
-
-  def _path(self, r: int) -> str:
-    return os.path.join(self._dir, f'server_{r:06d}.npz')
+    self._files = device_state.RoundFiles(directory, 'server', keep)
 
   def rounds(self) -> list[int]:
-    return sorted(int(m.group(1)) for m in (
-        _CKPT_RE.search(p) for p in glob.glob(os.path.join(self._dir, 'server_*.npz'))) if m)
+    return self._files.rounds()
 
   def save(self, r: int, state: Any, history: list) -> None:
     leaves = tf.nest.flatten(state)
     buf = io.BytesIO()
     np.savez(buf, history=np.array(json.dumps(history, allow_nan=False)),
              **{f'leaf_{n:05d}': np.asarray(v) for n, v in enumerate(leaves)})
-    data = buf.getvalue()
-    atomic.write(self._path(r) + '.sha256', _sha(data) + '\n')
-    atomic.write(self._path(r), data)
-    for old in self.rounds():
-      if old <= r - self._keep or old > r:
-        for p in (self._path(old), self._path(old) + '.sha256'):
-          if os.path.exists(p):
-            os.remove(p)
+    self._files.write(r, buf.getvalue())
 
   def load(self, r: int, like: Any) -> Optional[tuple[Any, list]]:
     """(state, history) after round r, or None if missing or damaged."""
     try:
-      with open(self._path(r), 'rb') as f:
-        data = f.read()
-      with open(self._path(r) + '.sha256') as f:
-        if f.read().split()[0] != _sha(data):
-          return None
+      data = self._files.read(r)
       with np.load(io.BytesIO(data), allow_pickle=False) as z:
         history = json.loads(str(z['history']))
         leaves = [z[f'leaf_{n:05d}'] for n in range(len(z.files) - 1)]
-    except (OSError, ValueError, KeyError, IndexError):
+    except (OSError, ValueError, KeyError, IndexError):  # DeviceStateError is a ValueError
       return None
     template = tf.nest.flatten(like)
     if len(leaves) != len(template) or any(
