@@ -2,7 +2,6 @@
 what reaches the server, evaluation with the aggregated table, learning and resume."""
 
 import sys
-import collections
 import os
 
 import numpy as np
@@ -114,21 +113,12 @@ def test_only_the_commonality_is_aggregated_and_eval_uses_the_aggregate(data, tf
     assert leaf.shape == ()
 
   C, state = fedrap.initial_values(CFG, data.num_items, seed=0)
-  ex = fp.round_examples(data, 'leak_free', np.random.default_rng(1))
-  users = [1, 6]
-  clients = []
-  for u in users:
-    items, labels = ex.of(u)
-    clients.append(collections.OrderedDict(
-        personal=collections.OrderedDict(head_w=state['head_w'], head_b=state['head_b'],
-                                         personality=state['personality']),
-        data=collections.OrderedDict(
-            items=items, labels=labels, train_items=data.train_items_of(u),
-            val_item=np.int32(data.val_items[u]), val_negatives=data.val_negatives[u],
-            test_item=np.int32(data.test_items[u]), test_negatives=data.test_negatives[u])))
+  users = np.array([1, 6])
+  ex = fp.round_examples(data, 'leak_free', np.random.default_rng(1), users=users)
+  clients = personalized_loop.client_inputs(data, users, ex, [state, state])
   out = process.next(process.initialize(), clients)
   refs = [_reference_client(C, state['personality'], state['head_w'], state['head_b'],
-                            *ex.of(u), CFG, 0) for u in users]
+                            *ex.of(k), CFG, 0) for k in range(len(users))]
   mean_c = np.mean([r[0] for r in refs], axis=0)
   np.testing.assert_allclose(out['state'].global_model_weights.trainable[0], mean_c, rtol=1e-3,
                              atol=1e-3)

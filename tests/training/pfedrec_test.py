@@ -52,16 +52,6 @@ def _torch_sgd_client(table, w, b, items, labels, cfg, num_items):
   return table, w, b
 
 
-def _client(data, u, examples, k, head):
-  items, labels = examples.of(k)
-  return collections.OrderedDict(
-      personal=collections.OrderedDict(head_w=head['head_w'], head_b=np.float32(head['head_b'])),
-      data=collections.OrderedDict(
-          items=items, labels=labels, train_items=data.train_items_of(u),
-          val_item=np.int32(data.val_items[u]), val_negatives=data.val_negatives[u],
-          test_item=np.int32(data.test_items[u]), test_negatives=data.test_negatives[u]))
-
-
 def test_client_step_matches_reference_transcription(data):
   table, head = pfedrec.initial_values(CFG, data.num_items, seed=0)
   ex = fp.round_examples(data, 'as_published', np.random.default_rng(0))
@@ -89,13 +79,13 @@ def test_device_metrics_match_toolkit_ranking(data):
   probs = rng.random((data.num_users, data.num_items)).astype(np.float32)
   probs[:, :5] = 1.0  # saturated ties count against the held-out item
   got = collections.defaultdict(list)
-  for u in range(data.num_users):
-    d = {k: tf.constant(v) for k, v in _client(
-        data, u, fp.round_examples(data, 'leak_free', rng), u,
-        {'head_w': 0, 'head_b': 0})['data'].items()}
+  users = np.arange(data.num_users)
+  clients = personalized_loop.client_inputs(
+      data, users, fp.round_examples(data, 'leak_free', rng), [{}] * data.num_users)
+  for u, client in enumerate(clients):
+    d = {k: tf.constant(v) for k, v in client['data'].items()}
     for k, v in pp.device_metrics(tf.constant(probs[u]), d, data.num_items, 10).items():
       got[k].append(float(v))
-  users = np.arange(data.num_users)
   score = lambda uu, ii: probs[uu, ii]
   for part in ('val', 'test'):
     target = getattr(data, f'{part}_items')
@@ -145,13 +135,13 @@ def test_only_the_item_table_is_aggregated(data, tff_context):
   state = process.initialize()
   table, head = pfedrec.initial_values(CFG, data.num_items, seed=0)
   np.testing.assert_array_equal(state.global_model_weights.trainable[0], table)
-  ex = fp.round_examples(data, 'as_published', np.random.default_rng(0))
-  users = [0, 5, 9]
+  users = np.array([0, 5, 9])
+  ex = fp.round_examples(data, 'as_published', np.random.default_rng(0), users=users)
   heads = [head, head, {'head_w': head['head_w'] * 2, 'head_b': np.float32(0.5)}]
-  out = process.next(state, [_client(data, u, ex, u, h) for u, h in zip(users, heads)])
+  out = process.next(state, personalized_loop.client_inputs(data, users, ex, heads))
   expected_tables, expected_heads = [], []
-  for u, h in zip(users, heads):
-    t, w, b = _torch_sgd_client(table, h['head_w'], h['head_b'], *ex.of(u), CFG, data.num_items)
+  for k, h in enumerate(heads):
+    t, w, b = _torch_sgd_client(table, h['head_w'], h['head_b'], *ex.of(k), CFG, data.num_items)
     expected_tables.append(t)
     expected_heads.append((w, b))
   np.testing.assert_allclose(out['state'].global_model_weights.trainable[0],
