@@ -1,7 +1,7 @@
-"""Personalized federated recommendation (PFedRec, FedRAP) under the federated-NCF protocol.
+"""Personalized federated recommendation (PFedRec, FedRAP, FedMF) under the federated-NCF protocol.
 
   python -m experiments.run_personalized --dataset=ml-100k --data_dir=../shared/data \\
-      --protocol=as_published --rounds=100 [--algorithm=fedrap]
+      --protocol=as_published --rounds=100 [--algorithm=fedrap|fedmf]
 
 One client per user, every client in every round by default (PFedRec's
 train.py). Leave-one-out by time with the val and test items each ranked
@@ -9,10 +9,18 @@ against their own 99 negatives, and against all items outside the user's
 training set; the reported score is the test score of the round with the
 best validation HR@10. `--protocol=leak_free` draws training negatives from
 everything outside the user's training set (see tff_rec/data/fedrec_protocol.py).
+
+User-level DP (`--dp=gaussian_fixed|gaussian_adaptive|tree|tree_adaptive|ddp`
+with the flags of experiments/dp_flags.py) replaces the server's mean of the
+item-table updates with TF Privacy's clipped, noised mean; the accountant's ε
+after each round is in history.json (`dp/epsilon`) and the plan in
+result.json. The device state (the score function) is never released; see
+privacy/federated_dp.py for what the guarantee covers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Sequence
 
@@ -20,6 +28,10 @@ from absl import app
 from absl import flags
 
 from experiments import common_flags
+from experiments import dp_flags
+from privacy import accounting
+from privacy import dp_aggregators
+from privacy import federated_dp
 from tff_rec import atomic
 from tff_rec import runtime
 from tff_rec.data import errors
@@ -49,19 +61,23 @@ flags.DEFINE_integer('negatives_per_positive', fedrec_protocol.TRAIN_NEGATIVES,
                      'Fresh training negatives per positive, each round.')
 flags.DEFINE_integer('eval_negatives', fedrec_protocol.EVAL_NEGATIVES,
                      'Sampled negatives per held-out item.')
-# Both algorithms (default: the algorithm's reference value).
+# Every algorithm (default: the algorithm's reference value; fedmf takes pfedrec's).
 flags.DEFINE_integer('embedding_dim', None, 'Item embedding size (default 32).')
 flags.DEFINE_integer('batch_size', None, f'Client batch size (default: pfedrec {_PFEDREC.batch_size}, '
                      f'fedrap {_FEDRAP.batch_size}).')
 flags.DEFINE_integer('local_epochs', None, f'Local epochs per round (default: pfedrec '
                      f'{_PFEDREC.local_epochs}, fedrap at most {_FEDRAP.local_epochs}).')
 flags.DEFINE_integer('top_k', 10, 'K of HR@K / NDCG@K.')
-# PFedRec.
-flags.DEFINE_float('learning_rate', None, f'pfedrec: SGD rate of the score function (default '
-                   f'{_PFEDREC.learning_rate}).')
-flags.DEFINE_float('lr_eta', None, f'pfedrec: item rate = learning_rate * num_items * lr_eta '
+# PFedRec and FedMF.
+flags.DEFINE_float('learning_rate', None, f'pfedrec, fedmf: SGD rate of the score function / user '
+                   f'vector (default {_PFEDREC.learning_rate}).')
+flags.DEFINE_float('lr_eta', None, f'pfedrec, fedmf: item rate = learning_rate * num_items * lr_eta '
                    f'(default {_PFEDREC.lr_eta}).')
-flags.DEFINE_float('l2', None, 'pfedrec: SGD weight decay of head and items (default 0).')
+flags.DEFINE_float('l2', None, 'pfedrec, fedmf: SGD weight decay of head and items (default 0).')
+flags.DEFINE_enum('ranking', None, list(pfedrec.RANKINGS),
+                  'pfedrec: the item table a device ranks with: fine_tuned (the paper: its own copy '
+                  'after the local steps) or global (the aggregated table, with its own head; '
+                  'fedmf always does this). See tff_rec/training/pfedrec.py.')
 # FedRAP.
 flags.DEFINE_float('fedrap_head_lr', None, f'fedrap: head rate (default {_FEDRAP.head_learning_rate}).')
 flags.DEFINE_float('fedrap_item_lr', None, f'fedrap: rate of both item tables (default '
@@ -78,11 +94,14 @@ flags.DEFINE_enum('fedrap_curriculum', None, list(fedrap.CURRICULA),
                   'fedrap: none (the code: fixed lambda, mu) or tanh (the paper\'s schedule).')
 flags.DEFINE_float('fedrap_tol', None, f'fedrap: early-stop tolerance (default {_FEDRAP.tol}).')
 common_flags.define_output_flags('personalized')
+dp_flags.define_dp_flags()
 flags.DEFINE_bool('progress_bar', True, 'Show a progress bar.')
 
 
 _OWN_FLAGS = {
-    'pfedrec': {'learning_rate': 'learning_rate', 'lr_eta': 'lr_eta', 'l2': 'l2'},
+    'pfedrec': {'learning_rate': 'learning_rate', 'lr_eta': 'lr_eta', 'l2': 'l2',
+                'ranking': 'ranking'},
+    'fedmf': {'learning_rate': 'learning_rate', 'lr_eta': 'lr_eta', 'l2': 'l2'},
     'fedrap': {'fedrap_head_lr': 'head_learning_rate', 'fedrap_item_lr': 'item_learning_rate',
                'fedrap_round_decay': 'round_decay', 'fedrap_weight_decay': 'weight_decay',
                'fedrap_lambda': 'lam', 'fedrap_mu': 'mu', 'fedrap_regular': 'regular',
@@ -106,7 +125,7 @@ def _configs():
   algorithm = FLAGS.algorithm
   for other, names in _OWN_FLAGS.items():
     if other != algorithm:
-      given = [n for n in names if FLAGS[n].present]
+      given = [n for n in names if FLAGS[n].present and n not in _OWN_FLAGS[algorithm]]
       if given:
         raise app.UsageError(f'--{given[0]} is a flag of --algorithm={other}, not {algorithm}')
   values = {field: FLAGS[flag].value for flag, field in _OWN_FLAGS[algorithm].items()}
@@ -122,10 +141,48 @@ def _configs():
   return hparams, loop
 
 
+def _dp_setup(dp_config: dp_aggregators.DpConfig, loop: personalized_loop.LoopConfig,
+              population: int) -> federated_dp.DpSetup:
+  """The DP aggregator and accountant of a run; UsageError naming the flag if refused.
+
+  The loop draws each round's participants uniformly without replacement,
+  independently per round ('fixed_size' sampling), or takes every user. The
+  tree modes need every user at most once per epoch, which holds only when
+  every user takes part in every round (an epoch of one round).
+  """
+  clients = min(loop.clients_per_round or population, population)
+  sampling = 'fixed_size'
+  if dp_config.mode in dp_aggregators.TREE_MODES:
+    if clients < population:
+      raise app.UsageError(
+          f'--dp={dp_config.mode} with --clients_per_round={loop.clients_per_round}: the tree '
+          'accountant needs every user at most once per epoch, and this loop samples each round '
+          'independently; omit --clients_per_round (every user every round)')
+    sampling = federated_dp.EPOCH_SAMPLING
+  try:
+    return federated_dp.prepare_dp(
+        dp_config, clients_per_round=clients, population=population, total_rounds=loop.rounds,
+        sampling=sampling, weighting=federated_dp.UNIFORM_WEIGHTING, user_embedding=None)
+  except accounting.BudgetExceededError as e:
+    raise app.UsageError(
+        f'--target_epsilon={dp_config.target_epsilon} with --rounds={loop.rounds}: {e} (use '
+        '--dp_on_budget=stop to run only those rounds, or raise --dp_noise_multiplier)') from e
+  except ValueError as e:
+    message = str(e)
+    raise app.UsageError(message if message.startswith('--') else
+                         f'--dp={dp_config.mode}: {message}') from e
+
+
 def main(argv: Sequence[str]) -> None:
   del argv
   common_flags.quiet_logging()
   hparams, loop = _configs()
+  dp_config = dp_flags.dp_config_from_flags()
+  if FLAGS.secure_aggregation != 'none':
+    raise app.UsageError(
+        f'--secure_aggregation={FLAGS.secure_aggregation} is not available in run_personalized '
+        '(its secure rounds drive experiments.run_federated\'s loop); --dp=ddp here uses TFF\'s '
+        'simulated secure sum')
   run_dir = os.path.join(FLAGS.root_output_dir, FLAGS.experiment_name)
   try:
     ratings = data_setup.load_ratings(data_setup.DataConfig(
@@ -135,15 +192,30 @@ def main(argv: Sequence[str]) -> None:
                                         num_eval_negatives=FLAGS.eval_negatives)
   except (errors.DataError, ValueError) as e:
     raise app.UsageError(f'--dataset/--data_dir: {e}') from e
-  runtime.ensure_context()
-  result = personalized.train(FLAGS.algorithm, data, hparams=hparams, loop=loop, run_dir=run_dir,
-                              progress=FLAGS.progress_bar)
+  dp = _dp_setup(dp_config, loop, data.num_users)
+  if dp.total_rounds < loop.rounds:
+    loop = dataclasses.replace(loop, rounds=dp.total_rounds)
+  if dp.needs_secure_context:
+    runtime.set_local_context(secure_intrinsics=True)
+  else:
+    runtime.ensure_context()
+  result = personalized.train(
+      FLAGS.algorithm, data, hparams=hparams, loop=loop, run_dir=run_dir,
+      model_aggregator=dp.aggregator,
+      aggregator_description=dp.report() if dp.enabled else 'uniform mean',
+      progress=FLAGS.progress_bar, round_metrics=dp.extra_metrics_fn)
   best = result.best
   summary = dict(algorithm=FLAGS.algorithm, dataset=FLAGS.dataset, protocol=FLAGS.protocol,
                  seed=FLAGS.seed, rounds=loop.rounds, best_round=result.best_round,
                  seconds_per_round=result.seconds_per_round,
                  **{k: best[k] for k in best if k.startswith(('val_', 'test_'))})
+  if dp.enabled:
+    # Every round's model is released, so the run's epsilon is that of its last round.
+    summary['dp'] = dict(dp.report(), epsilon=dp.epsilon_after(loop.rounds))
   atomic.write_json(os.path.join(run_dir, 'result.json'), summary)
+  if dp.enabled:
+    print(f'user-level DP: epsilon {summary["dp"]["epsilon"]:.4g} at delta {dp.delta:.3g} '
+          f'after {loop.rounds} rounds ({dp_config.accountant} accountant)')
   print(f'{run_dir}: best round {result.best_round} by val HR@{hparams.top_k}: '
         f'test HR {best["test_hr"]:.4f} NDCG {best["test_ndcg"]:.4f} (sampled), '
         f'HR {best["test_full_hr"]:.4f} NDCG {best["test_full_ndcg"]:.4f} (full ranking); '

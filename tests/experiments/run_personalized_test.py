@@ -25,6 +25,13 @@ def _binary(*argv):
     (['--algorithm=fedrap', '--lr_eta=3'], '--lr_eta is a flag of --algorithm=pfedrec, not fedrap'),
     (['--fedrap_lambda=0.5'], '--fedrap_lambda is a flag of --algorithm=fedrap, not pfedrec'),
     (['--algorithm=fedrap', '--fedrap_mu=-1'], '--fedrap_mu must be >= 0, got -1.0'),
+    (['--algorithm=fedmf', '--fedrap_tol=0.1'], '--fedrap_tol is a flag of --algorithm=fedrap, '
+     'not fedmf'),
+    (['--dp_clip=1'], '--dp_clip needs --dp'),
+    (['--dp=gaussian_fixed', '--dp_clip=1'], '--dp=gaussian_fixed needs --dp_noise_multiplier or '
+     '--target_epsilon'),
+    (['--dp=ddp', '--dp_noise_multiplier=1', '--secure_aggregation=secagg'],
+     '--secure_aggregation=secagg is not available in run_personalized'),
 ])
 def test_bad_flags_fail_cleanly_before_any_work(argv, message, tmp_path):
   proc = _binary(*argv, f'--root_output_dir={tmp_path}')
@@ -58,10 +65,6 @@ def test_pfedrec_on_ml100k_runs_and_continues(tmp_path):
   assert other.returncode == 1 and 'different configuration' in other.stderr
 
 
-if __name__ == '__main__':
-  sys.exit(pytest.main([__file__, '-q']))
-
-
 @pytest.mark.slow
 def test_fedrap_on_ml100k_keeps_a_personal_table_per_device(tmp_path):
   data_dir = os.path.dirname(shared_data.shared_file('ml-100k.zip'))
@@ -75,6 +78,38 @@ def test_fedrap_on_ml100k_keeps_a_personal_table_per_device(tmp_path):
   with np.load(tmp_path / 'fr' / 'devices' / 'round_000002.npz') as z:
     assert z['personality'].shape[1:] == (1682, 32)
     assert 40 <= z['__client_ids__'].size <= 80
+
+
+@pytest.mark.slow
+def test_pfedrec_with_user_level_dp_reports_epsilon(tmp_path):
+  data_dir = os.path.dirname(shared_data.shared_file('ml-100k.zip'))
+  common = ['--dataset=ml-100k', f'--data_dir={data_dir}', '--protocol=leak_free',
+            f'--root_output_dir={tmp_path}', '--progress_bar=false', '--rounds=2']
+  # The tree accountant needs every user once per epoch: refused with sampling.
+  tree = _binary(*common, '--clients_per_round=100', '--dp=tree', '--dp_clip=1',
+                 '--dp_noise_multiplier=1', '--experiment_name=tree')
+  assert tree.returncode == 2 and 'omit --clients_per_round' in tree.stderr
+  assert not os.listdir(tmp_path)
+  proc = _binary(*common, '--clients_per_round=200', '--dp=gaussian_fixed', '--dp_clip=5',
+                 '--target_epsilon=4', '--experiment_name=dp')
+  assert proc.returncode == 0, proc.stderr
+  assert 'user-level DP: epsilon' in proc.stdout
+  run_dir = tmp_path / 'dp'
+  history = json.loads((run_dir / 'history.json').read_text())
+  eps = [h['dp/epsilon'] for h in history]
+  assert 0 < eps[0] < eps[1] <= 4.0
+  result = json.loads((run_dir / 'result.json').read_text())
+  dp = result['dp']
+  assert dp['mode'] == 'gaussian_fixed' and dp['noise_multiplier_calibrated']
+  assert dp['epsilon'] == pytest.approx(eps[-1])
+  assert dp['clients_per_round'] == 200 and dp['population'] == 943
+  assert dp['sampling'] == 'fixed_size' and dp['delta'] == pytest.approx(943 ** -1.1)
+  config = json.loads((run_dir / 'config.json').read_text())
+  assert config['aggregator']['noise_multiplier'] == dp['noise_multiplier']
+  # Continuing a DP run to more rounds changes its plan: refused.
+  more = _binary(*common[:-1], '--rounds=3', '--clients_per_round=200', '--dp=gaussian_fixed',
+                 '--dp_clip=5', '--target_epsilon=4', '--experiment_name=dp')
+  assert more.returncode == 1 and 'different configuration' in more.stderr
 
 
 if __name__ == '__main__':

@@ -152,6 +152,94 @@ def test_only_the_item_table_is_aggregated(data, tff_context):
   assert out['metrics']['train']['num_clients'] == 3
 
 
+def test_fine_tuned_view_differs_from_the_received_table_only_in_the_rounds_rows(data):
+  """Why `ranking='global'` exists: a local round changes only the rows of the
+  user's training positives and of its sampled negatives (pushed down)."""
+  table, head = pfedrec.initial_values(CFG, data.num_items, seed=0)
+  ex = fp.round_examples(data, 'leak_free', np.random.default_rng(2))
+  items, labels = ex.of(4)
+  local, w, b, _, _ = pfedrec.local_train(
+      tf.constant(table), tf.constant(head['head_w']), tf.constant(head['head_b']),
+      tf.constant(items), tf.constant(labels), config=CFG, num_items=data.num_items)
+  changed = np.flatnonzero(np.any(local.numpy() != table, axis=1))
+  assert set(changed) == set(items.tolist())
+  negatives = np.unique(items[labels == 0])
+  before = table[negatives] @ w.numpy() + b.numpy()
+  after = local.numpy()[negatives] @ w.numpy() + b.numpy()
+  assert np.all(after < before)
+
+
+def test_global_ranking_scores_with_the_aggregate_and_the_own_head(data, tff_context):
+  del tff_context
+  cfg = pfedrec.PFedRecConfig(embedding_dim=8, learning_rate=0.1, lr_eta=2.0, batch_size=16,
+                              ranking='global')
+  with pytest.raises(ValueError, match='ranking must be one of'):
+    pfedrec.PFedRecConfig(ranking='local')
+  process = pfedrec.build_pfedrec(config=cfg, num_items=data.num_items)
+  ref = pfedrec.build_pfedrec(config=CFG, num_items=data.num_items)
+  table, head = pfedrec.initial_values(cfg, data.num_items, seed=0)
+  users = np.array([2, 6, 11])
+  ex = fp.round_examples(data, 'leak_free', np.random.default_rng(5), users=users)
+  clients = personalized_loop.client_inputs(data, users, ex, [head] * users.size)
+  out = process.next(process.initialize(), clients)
+  out_ref = ref.next(ref.initialize(), clients)
+  # Training is PFedRec's: the same new table and heads.
+  new_table = out['state'].global_model_weights.trainable[0]
+  np.testing.assert_allclose(new_table, out_ref['state'].global_model_weights.trainable[0],
+                             rtol=1e-6, atol=1e-6)
+  expected = collections.defaultdict(list)
+  for k, u in enumerate(users.tolist()):
+    got = out['personal'][k]
+    np.testing.assert_allclose(got['head_w'], out_ref['personal'][k]['head_w'], rtol=1e-6)
+    probs = tf.sigmoid(tf.linalg.matvec(tf.constant(new_table), tf.constant(got['head_w'])) +
+                       got['head_b'])
+    data_k = collections.OrderedDict(
+        train_items=tf.constant(data.train_items_of(u)), val_item=tf.constant(data.val_items[u]),
+        val_negatives=tf.constant(data.val_negatives[u]),
+        test_item=tf.constant(data.test_items[u]),
+        test_negatives=tf.constant(data.test_negatives[u]))
+    for key, v in pp.device_metrics(probs, data_k, data.num_items, cfg.top_k).items():
+      expected[key].append(float(v))
+  for key in pp.EVAL_SUMS:
+    assert out['metrics']['train'][key.replace('_hit', '_hr')] == pytest.approx(
+        np.mean(expected[key]), abs=1e-6)
+
+
+def test_user_level_dp_clips_each_client_and_noises_the_mean(data, tff_context):
+  """With TF Privacy's DP mean the server's table moves by at most the clip
+  norm (the mean of updates clipped to it), where the plain mean moves it far
+  more; noise makes two runs from the same state differ."""
+  del tff_context
+  from privacy import dp_aggregators  # pylint: disable=g-import-not-at-top
+  users = np.array([0, 5, 9, 13])
+  ex = fp.round_examples(data, 'leak_free', np.random.default_rng(1), users=users)
+  table, head = pfedrec.initial_values(CFG, data.num_items, seed=0)
+  clients = personalized_loop.client_inputs(data, users, ex, [head] * users.size)
+
+  def moved(aggregator):
+    process = pfedrec.build_pfedrec(config=CFG, num_items=data.num_items,
+                                    model_aggregator=aggregator)
+    out = process.next(process.initialize(), clients)
+    # The device states are the clients' own, whatever the aggregator.
+    assert len(out['personal']) == users.size
+    return out['state'].global_model_weights.trainable[0] - table
+
+  clip = 0.05
+  plain = np.linalg.norm(moved(None))
+  clipped = moved(dp_aggregators.build_aggregator(
+      dp_aggregators.DpConfig(mode='gaussian_fixed', noise_multiplier=0.0, clip=clip), users.size))
+  assert plain > 20 * clip
+  assert np.linalg.norm(clipped) <= clip * (1 + 1e-4)
+  assert np.linalg.norm(clipped) > 0.5 * clip  # every client's update is clipped, not dropped
+  noisy = [moved(dp_aggregators.build_aggregator(
+      dp_aggregators.DpConfig(mode='gaussian_fixed', noise_multiplier=1.0, clip=clip), users.size))
+           for _ in range(2)]
+  assert not np.allclose(noisy[0], noisy[1])
+  # Noise std on each entry of the mean: noise_multiplier * clip / clients.
+  std = np.std(noisy[0] - clipped)
+  assert 0.7 * clip / users.size < std < 1.3 * clip / users.size
+
+
 def _loop(rounds, seed=0, protocol='as_published'):
   return personalized_loop.LoopConfig(rounds=rounds, protocol=protocol, seed=seed)
 

@@ -157,7 +157,8 @@ def _check_config(run_dir: str, description: Mapping[str, Any]) -> None:
 def run(process, *, initial_personal: Mapping[str, np.ndarray],
         data: fedrec_protocol.FedRecData, config: LoopConfig, run_dir: str,
         description: Mapping[str, Any], progress: bool = True,
-        on_round: Optional[Callable[[dict], None]] = None) -> LoopResult:
+        on_round: Optional[Callable[[dict], None]] = None,
+        round_metrics: Optional[Callable[[int], Mapping[str, float]]] = None) -> LoopResult:
   """Trains (or resumes) a personalized process and returns its best round.
 
   Args:
@@ -172,6 +173,8 @@ def run(process, *, initial_personal: Mapping[str, np.ndarray],
       hyperparameters, data); a run directory refuses a different one.
     progress: Show a progress bar.
     on_round: Called with each round's history row.
+    round_metrics: `round -> {name: value}` added to that round's history
+      row (e.g. the DP accountant's `dp/epsilon` after the round).
 
   Returns:
     `LoopResult`.
@@ -223,6 +226,8 @@ def run(process, *, initial_personal: Mapping[str, np.ndarray],
       store.write(r + 1, {cid: dict(s) for cid, s in zip(ids, out['personal'])})
       state = out['state']
       row = dict(round=r + 1, seconds=time.perf_counter() - t0, **metrics)
+      if round_metrics is not None:
+        row.update({k: float(v) for k, v in round_metrics(r + 1).items()})
       history.append(row)
       ckpts.save(r + 1, state, history)
       atomic.write_json(os.path.join(run_dir, 'history.json'), history)

@@ -40,6 +40,17 @@ import tensorflow_federated as tff
 from tff_rec.training import personalized_process as pp
 
 
+# The item table a device ranks with. A local step changes only the rows of
+# the round's examples: the user's training positives (never ranked) and its
+# sampled negatives, each pushed down. So the 'fine_tuned' view ranks the
+# unrated items exactly as the received global table does, except that this
+# round's sampled negatives are demoted. Under the published sampling those
+# are never the held-out items (the leak, `fedrec_protocol`); without it, a
+# held-out item is demoted whenever it was drawn. 'global' ranks with the
+# aggregated table and the personal head, which no round's draw perturbs.
+RANKINGS = ('fine_tuned', 'global')
+
+
 @dataclasses.dataclass(frozen=True)
 class PFedRecConfig:
   """PFedRec's hyperparameters (defaults: the reference `train.py`).
@@ -52,6 +63,11 @@ class PFedRecConfig:
     local_epochs: Passes over the round's examples (the order repeats).
     l2: SGD weight decay of head and items (`--l2_regularization`).
     top_k: The cut-off of HR@k and NDCG@k.
+    ranking: The item table a device ranks with. 'fine_tuned' (the
+      reference, engine.py:172): its own copy after this round's local
+      steps. 'global' (ours, not in the paper): the aggregated table after
+      the server update, scored with the device's own head; see
+      `RANKINGS` for why.
   """
 
   embedding_dim: int = 32
@@ -61,8 +77,11 @@ class PFedRecConfig:
   local_epochs: int = 1
   l2: float = 0.0
   top_k: int = 10
+  ranking: str = 'fine_tuned'
 
   def __post_init__(self):
+    if self.ranking not in RANKINGS:
+      raise ValueError(f'ranking must be one of {RANKINGS}, got {self.ranking!r}')
     for name in ('embedding_dim', 'batch_size', 'local_epochs', 'top_k'):
       if getattr(self, name) <= 0:
         raise ValueError(f'{name} must be positive, got {getattr(self, name)}')
@@ -145,7 +164,7 @@ def local_train(table, head_w, head_b, items, labels, *, config: PFedRecConfig, 
 
 
 def build_client_update(config: PFedRecConfig, num_items: int, weights_type, client_type):
-  """The client's TF computation.
+  """The client's TF computation (with `ranking='fine_tuned'`, its evaluation too).
 
   Args:
     config: Hyperparameters.
@@ -158,7 +177,9 @@ def build_client_update(config: PFedRecConfig, num_items: int, weights_type, cli
     client input) to (ClientResult(initial - fine-tuned table, 1.0), new
     device state, sums over `personalized_process.METRIC_SUMS`): the
     client evaluates with its own fine-tuned table and head, as the
-    reference does (engine.py:172). A non-finite update is zeroed and counted.
+    reference does (engine.py:172); with `ranking='global'` the sums are
+    `TRAIN_SUMS` only (see `build_global_ranking_eval`). A non-finite update
+    is zeroed and counted.
   """
 
   @tff.tensorflow.computation(weights_type, tff.TensorType(np.int32), client_type)
@@ -169,18 +190,43 @@ def build_client_update(config: PFedRecConfig, num_items: int, weights_type, cli
     local, head_w, head_b, loss_sum, num_examples = local_train(
         table, personal['head_w'], personal['head_b'], data['items'], data['labels'],
         config=config, num_items=num_items)
-    probs = tf.sigmoid(tf.linalg.matvec(local, head_w) + head_b)
-    metrics = pp.device_metrics(probs, data, num_items, config.top_k)
     delta, non_finite = pp.zero_if_not_finite(table - local)
     new_personal = collections.OrderedDict(head_w=head_w, head_b=head_b)
     sums = collections.OrderedDict(
         loss_sum=loss_sum, num_examples=tf.cast(num_examples, tf.float32),
-        num_clients=tf.constant(1.0), non_finite_updates=non_finite,
-        **{k: metrics[k] for k in pp.EVAL_SUMS})
+        num_clients=tf.constant(1.0), non_finite_updates=non_finite)
+    if config.ranking == 'fine_tuned':
+      probs = tf.sigmoid(tf.linalg.matvec(local, head_w) + head_b)
+      metrics = pp.device_metrics(probs, data, num_items, config.top_k)
+      sums.update((k, metrics[k]) for k in pp.EVAL_SUMS)
     result = tff.learning.templates.ClientResult(update=(delta,), update_weight=tf.constant(1.0))
     return result, new_personal, sums
 
   return client_update
+
+
+def build_global_ranking_eval(config: PFedRecConfig, num_items: int, weights_type):
+  """`ranking='global'`: the device ranks with the aggregated table and its head.
+
+  Args:
+    config: Hyperparameters.
+    num_items: Catalog size.
+    weights_type: The global `ModelWeights` type (the item table).
+
+  Returns:
+    A `tff.tensorflow.computation` (new global weights, new device state,
+    data) -> sums over `personalized_process.EVAL_SUMS`, run on the device
+    after the server update.
+  """
+
+  @tff.tensorflow.computation(weights_type, personal_type(config), pp.data_type())
+  def client_eval(weights, personal, data):
+    probs = tf.sigmoid(tf.linalg.matvec(weights.trainable[0], personal['head_w']) +
+                       personal['head_b'])
+    metrics = pp.device_metrics(probs, data, num_items, config.top_k)
+    return collections.OrderedDict((k, metrics[k]) for k in pp.EVAL_SUMS)
+
+  return client_eval
 
 
 def build_pfedrec(*, config: PFedRecConfig, num_items: int, seed: int = 0,
@@ -211,7 +257,11 @@ def build_pfedrec(*, config: PFedRecConfig, num_items: int, seed: int = 0,
   w_type = pp.weights_type(table0.shape)
   client_type = tff.to_type(collections.OrderedDict(personal=personal_type(config),
                                                     data=pp.data_type()))
+  client_eval = None
+  if config.ranking == 'global':
+    client_eval = build_global_ranking_eval(config, num_items, w_type)
   return pp.build_process(
       initial_table=table0, personal_type=personal_type(config),
       client_train=build_client_update(config, num_items, w_type, client_type),
-      model_aggregator=model_aggregator, algorithm='PFedRec (engine.py:80)')
+      client_eval=client_eval, model_aggregator=model_aggregator,
+      algorithm='PFedRec (engine.py:80)')
