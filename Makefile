@@ -29,7 +29,8 @@ bench: setup
 # Every published table (hours on 2 cores; see README). E.g.
 #   make tables TABLE_ARGS=--data_dir=../shared/data
 tables: setup
-	@for t in central_baselines fedrecon_ml1m ncf_ml1m privacy_ml1m compression_ml1m; do \
+	@for t in central_baselines fedrecon_ml1m ncf_ml1m privacy_ml1m compression_ml1m \
+	    federated_ncf_ml100k federated_ncf_ml1m; do \
 	  $(PY) -m experiments.reproduce --flagfile=experiments/flags/table_$$t.cfg $(TABLE_ARGS) || exit 1; \
 	done
 

@@ -5,7 +5,7 @@
   python -m experiments.reproduce --table=fedrecon_ml1m --quick --data_dir=../shared/data
 
 Tables: central_baselines, fedrecon_ml1m, ncf_ml1m, privacy_ml1m,
-compression_ml1m (one module per table in experiments/tables/, listed in registry.py). Writes to --output_dir
+compression_ml1m, federated_ncf_ml100k, federated_ncf_ml1m (one module per table in experiments/tables/, listed in registry.py). Writes to --output_dir
 (default results/<table>, results/<table>/quick with --quick): table.csv,
 table.md, table.png, manifest.json (flags, seeds, versions, machine, every
 cell's settings), cells/*.json (one finished cell each) and runs/ (training

@@ -143,26 +143,11 @@ def _configs():
 
 def _dp_setup(dp_config: dp_aggregators.DpConfig, loop: personalized_loop.LoopConfig,
               population: int) -> federated_dp.DpSetup:
-  """The DP aggregator and accountant of a run; UsageError naming the flag if refused.
-
-  The loop draws each round's participants uniformly without replacement,
-  independently per round ('fixed_size' sampling), or takes every user. The
-  tree modes need every user at most once per epoch, which holds only when
-  every user takes part in every round (an epoch of one round).
-  """
-  clients = min(loop.clients_per_round or population, population)
-  sampling = 'fixed_size'
-  if dp_config.mode in dp_aggregators.TREE_MODES:
-    if clients < population:
-      raise app.UsageError(
-          f'--dp={dp_config.mode} with --clients_per_round={loop.clients_per_round}: the tree '
-          'accountant needs every user at most once per epoch, and this loop samples each round '
-          'independently; omit --clients_per_round (every user every round)')
-    sampling = federated_dp.EPOCH_SAMPLING
+  """The DP aggregator and accountant of a run; UsageError naming the flag if refused."""
   try:
-    return federated_dp.prepare_dp(
-        dp_config, clients_per_round=clients, population=population, total_rounds=loop.rounds,
-        sampling=sampling, weighting=federated_dp.UNIFORM_WEIGHTING, user_embedding=None)
+    return federated_dp.prepare_personalized_dp(
+        dp_config, clients_per_round=loop.clients_per_round, population=population,
+        total_rounds=loop.rounds)
   except accounting.BudgetExceededError as e:
     raise app.UsageError(
         f'--target_epsilon={dp_config.target_epsilon} with --rounds={loop.rounds}: {e} (use '

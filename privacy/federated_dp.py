@@ -381,3 +381,43 @@ def EpochShuffleSampler(users: Sequence[int], clients_per_round: int,  # pylint:
                         seed: int) -> sampling_lib.ClientSampler:
   """Clients per round with each user at most once per epoch (tree modes)."""
   return sampling_lib.ClientSampler(users, clients_per_round, seed, mode=EPOCH_SAMPLING)
+
+
+def prepare_personalized_dp(dp_config: DpConfig, *, clients_per_round: Optional[int],
+                            population: int, total_rounds: int) -> DpSetup:
+  """`prepare_dp` for the personalized loop (`tff_rec.training.personalized_loop`).
+
+  That loop takes every user in every round (`clients_per_round` None or at
+  least the population), or draws each round's participants uniformly
+  without replacement, independently per round ('fixed_size' sampling). The
+  tree modes need every user at most once per epoch, which holds only with
+  full participation (an epoch of one round). Only the item table is
+  aggregated; the device state (score function, user vector) never leaves
+  the device, so it is outside what is released.
+
+  Args:
+    dp_config: The DP choice.
+    clients_per_round: The loop's participants per round (None: everyone).
+    population: The number of users.
+    total_rounds: The rounds asked for.
+
+  Returns:
+    `DpSetup` (aggregator, accountant, rounds within budget).
+
+  Raises:
+    DpSetupError: a tree mode with sampled participation, or another request
+      without a guarantee (the message names the flag).
+    accounting.BudgetExceededError: over `target_epsilon` with on_budget='refuse'.
+  """
+  clients = min(clients_per_round or population, population)
+  sampling = 'fixed_size'
+  if dp_config.mode in dp_aggregators.TREE_MODES:
+    if clients < population:
+      raise DpSetupError(
+          f'--dp={dp_config.mode} with --clients_per_round={clients_per_round}: the tree '
+          'accountant needs every user at most once per epoch, and this loop samples each round '
+          'independently; omit --clients_per_round (every user every round)')
+    sampling = EPOCH_SAMPLING
+  return prepare_dp(dp_config, clients_per_round=clients, population=population,
+                    total_rounds=total_rounds, sampling=sampling, weighting=UNIFORM_WEIGHTING,
+                    user_embedding=None)

@@ -10,6 +10,7 @@ from typing import Callable
 
 from experiments.tables import central_baselines
 from experiments.tables import compression_ml1m
+from experiments.tables import federated_ncf
 from experiments.tables import fedrecon_ml1m
 from experiments.tables import harness
 from experiments.tables import ncf_ml1m
@@ -21,6 +22,8 @@ TABLES: dict[str, Callable[[], harness.TableSpec]] = {
     'ncf_ml1m': ncf_ml1m.ncf_table,
     'privacy_ml1m': privacy_ml1m.privacy_table,
     'compression_ml1m': compression_ml1m.compression_table,
+    'federated_ncf_ml100k': federated_ncf.federated_ncf_ml100k_table,
+    'federated_ncf_ml1m': federated_ncf.federated_ncf_ml1m_table,
 }
 
 

@@ -110,7 +110,8 @@ def test_fedrecon_quick_resumes_a_partially_trained_cell(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('name', ['ncf_ml1m', 'privacy_ml1m', 'compression_ml1m'])
+@pytest.mark.parametrize('name', ['ncf_ml1m', 'privacy_ml1m', 'compression_ml1m',
+                                  'federated_ncf_ml100k'])
 def test_quick_table(name, tmp_path):
   out = str(tmp_path / 'out')
   proc = _reproduce(f'--table={name}', '--quick', f'--data_dir={_data_dir()}',
@@ -120,6 +121,9 @@ def test_quick_table(name, tmp_path):
   if name == 'privacy_ml1m':
     eps = {r['row']: r['epsilon_mean'] for r in lines}
     assert all(float(v) > 0 for k, v in eps.items() if k.startswith('DP'))
+  if name == 'federated_ncf_ml100k':
+    eps = {r['row']: r['epsilon_mean'] for r in lines if 'DP' in r['row']}
+    assert eps and all(0 < float(v) <= 8.0 for v in eps.values())
   if name == 'compression_ml1m':
     sizes = {r['row']: float(r['gzip_bytes_mean']) for r in lines if r['gzip_bytes_mean']}
     assert sizes[compression_ml1m.CP_INT8] < sizes[compression_ml1m.CP_FLOAT] / 3

@@ -57,6 +57,33 @@ def test_quick_mode_checks_every_row_that_can_beat_the_trivial_predictor():
   assert all('(central)' not in label for label in exempt['ncf_ml1m'])
 
 
+def test_federated_ncf_popularity_matches_on_device_ranking():
+  """The trivial row ranks like the personalized processes' devices (ties against)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from experiments.tables import federated_ncf  # pylint: disable=g-import-not-at-top
+  from tff_rec.data import fedrec_protocol  # pylint: disable=g-import-not-at-top
+  from tff_rec.training import personalized_process  # pylint: disable=g-import-not-at-top
+  r = synthetic.clustered_interactions(num_users=30, num_items=60, num_clusters=3, per_user=12,
+                                       seed=1)
+  data = fedrec_protocol.fedrec_split(r, seed=0, num_eval_negatives=20)
+  got = federated_ncf.popularity_metrics(data, top_k=5)
+  counts = np.bincount(data.train_items, minlength=data.num_items).astype(np.float32)
+  sums = {}
+  for u in range(data.num_users):
+    m = personalized_process.device_metrics(tf.constant(counts), dict(
+        train_items=tf.constant(data.train_items_of(u)), val_item=tf.constant(data.val_items[u]),
+        val_negatives=tf.constant(data.val_negatives[u]),
+        test_item=tf.constant(data.test_items[u]),
+        test_negatives=tf.constant(data.test_negatives[u])), data.num_items, 5)
+    for k, v in m.items():
+      sums[k] = sums.get(k, 0.0) + float(v) / data.num_users
+  assert got['hr@5'] == pytest.approx(sums['test_hit'])
+  assert got['ndcg@5'] == pytest.approx(sums['test_ndcg'], rel=1e-5)
+  assert got['full_hr@5'] == pytest.approx(sums['test_full_hit'])
+  assert got['full_ndcg@5'] == pytest.approx(sums['test_full_ndcg'], rel=1e-5)
+  assert got['full_hr@5'] <= got['hr@5'] and 0 < got['hr@5'] < 1
+
+
 def test_quick_and_full_cells_differ():
   table = tables.get('fedrecon_ml1m')
   quick = {c.key for c in table.build_cells(harness.RunOptions('/o', seeds=(0,), quick=True))}
