@@ -1,7 +1,7 @@
-"""Personalized federated recommendation (PFedRec, FedRAP, FedMF) under the federated-NCF protocol.
+"""Personalized federated recommendation (PFedRec, FedRAP, FedMF, FedRecon) under the federated-NCF protocol.
 
   python -m experiments.run_personalized --dataset=ml-100k --data_dir=../shared/data \\
-      --protocol=as_published --rounds=100 [--algorithm=fedrap|fedmf]
+      --protocol=as_published --rounds=100 [--algorithm=fedrap|fedmf|fedrecon]
 
 One client per user, every client in every round by default (PFedRec's
 train.py). Leave-one-out by time with the val and test items each ranked
@@ -68,12 +68,17 @@ flags.DEFINE_integer('batch_size', None, f'Client batch size (default: pfedrec {
 flags.DEFINE_integer('local_epochs', None, f'Local epochs per round (default: pfedrec '
                      f'{_PFEDREC.local_epochs}, fedrap at most {_FEDRAP.local_epochs}).')
 flags.DEFINE_integer('top_k', 10, 'K of HR@K / NDCG@K.')
-# PFedRec and FedMF.
-flags.DEFINE_float('learning_rate', None, f'pfedrec, fedmf: SGD rate of the score function / user '
-                   f'vector (default {_PFEDREC.learning_rate}).')
-flags.DEFINE_float('lr_eta', None, f'pfedrec, fedmf: item rate = learning_rate * num_items * lr_eta '
-                   f'(default {_PFEDREC.lr_eta}).')
-flags.DEFINE_float('l2', None, 'pfedrec, fedmf: SGD weight decay of head and items (default 0).')
+# PFedRec, FedMF and FedRecon.
+flags.DEFINE_float('learning_rate', None, 'pfedrec, fedmf, fedrecon: SGD rate of the score '
+                   f'function / user vector (default {_PFEDREC.learning_rate}).')
+flags.DEFINE_float('lr_eta', None, 'pfedrec, fedmf, fedrecon: item rate = learning_rate * '
+                   f'num_items * lr_eta (default {_PFEDREC.lr_eta}).')
+flags.DEFINE_float('l2', None, 'pfedrec, fedmf, fedrecon: SGD weight decay of head and items '
+                   '(default 0).')
+flags.DEFINE_integer('recon_epochs', None,
+                     'fedrecon: passes of user-vector-only SGD steps that reconstruct the user '
+                     'vector from its initial value, before the item steps and before ranking '
+                     '(default 5).')
 flags.DEFINE_enum('ranking', None, list(pfedrec.RANKINGS),
                   'pfedrec: the item table a device ranks with: fine_tuned (the paper: its own copy '
                   'after the local steps) or global (the aggregated table, with its own head; '
@@ -102,6 +107,8 @@ _OWN_FLAGS = {
     'pfedrec': {'learning_rate': 'learning_rate', 'lr_eta': 'lr_eta', 'l2': 'l2',
                 'ranking': 'ranking'},
     'fedmf': {'learning_rate': 'learning_rate', 'lr_eta': 'lr_eta', 'l2': 'l2'},
+    'fedrecon': {'learning_rate': 'learning_rate', 'lr_eta': 'lr_eta', 'l2': 'l2',
+                 'recon_epochs': 'recon_epochs'},
     'fedrap': {'fedrap_head_lr': 'head_learning_rate', 'fedrap_item_lr': 'item_learning_rate',
                'fedrap_round_decay': 'round_decay', 'fedrap_weight_decay': 'weight_decay',
                'fedrap_lambda': 'lam', 'fedrap_mu': 'mu', 'fedrap_regular': 'regular',
@@ -114,8 +121,8 @@ def _configs():
   """(hparams, loop config), validated before any work; UsageError names the flag."""
   for name in ('rounds', 'negatives_per_positive', 'top_k', 'eval_negatives'):
     common_flags._positive(name)  # pylint: disable=protected-access
-  for name in ('clients_per_round', 'embedding_dim', 'batch_size', 'local_epochs', 'learning_rate',
-               'lr_eta', 'fedrap_head_lr', 'fedrap_item_lr', 'fedrap_round_decay'):
+  for name in ('clients_per_round', 'recon_epochs', 'embedding_dim', 'batch_size', 'local_epochs',
+               'learning_rate', 'lr_eta', 'fedrap_head_lr', 'fedrap_item_lr', 'fedrap_round_decay'):
     common_flags._positive(name, allow_none=True)  # pylint: disable=protected-access
   for name in ('l2', 'fedrap_weight_decay', 'fedrap_lambda', 'fedrap_mu', 'fedrap_tol'):
     if FLAGS[name].value is not None and FLAGS[name].value < 0:

@@ -9,10 +9,10 @@ HR@10 / NDCG@10 against the 99 sampled negatives and against every item
 outside the user's training set (full ranking).
 
 Rows measured so far: popularity (trivial), PFedRec as published, PFedRec
-ranking with the aggregated table (`ranking='global'`, ours), FedMF, FedRAP
-(ML-100K only: its device state is a full item table per user) and PFedRec
-with the global ranking under user-level DP. The central GMF / MLP / NeuMF,
-FedNCF and FedRecon rows of issue 22 are not in these tables yet.
+ranking with the aggregated table (`ranking='global'`, ours), FedMF,
+FedRecon, FedRAP (ML-100K only: its device state is a full item table per
+user) and PFedRec with the global ranking under user-level DP. The central
+GMF / MLP / NeuMF and FedNCF rows of issue 22 are not in these tables yet.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from tff_rec.data import readers
 from tff_rec.training import data_setup
 from tff_rec.training import fedmf
 from tff_rec.training import fedrap
+from tff_rec.training import fedrecon_ncf
 from tff_rec.training import personalized
 from tff_rec.training import personalized_loop
 from tff_rec.training import pfedrec
@@ -48,6 +49,7 @@ POPULARITY = 'Popularity (trivial)'
 PFEDREC = 'PFedRec (ranks with its fine-tuned table)'
 PFEDREC_GLOBAL = 'PFedRec, global ranking (ours)'
 FEDMF = 'FedMF'
+FEDRECON = 'FedRecon'
 FEDRAP = 'FedRAP'
 DP_EPSILON = 8.0
 PFEDREC_GLOBAL_DP = f'PFedRec, global ranking, user-level DP (eps {DP_EPSILON:g})'
@@ -77,7 +79,8 @@ class _Method:
 def _methods(dataset: str) -> list[_Method]:
   out = [_Method(PFEDREC, 'pfedrec', pfedrec.PFedRecConfig()),
          _Method(PFEDREC_GLOBAL, 'pfedrec', pfedrec.PFedRecConfig(ranking='global')),
-         _Method(FEDMF, 'fedmf', fedmf.FedMFConfig())]
+         _Method(FEDMF, 'fedmf', fedmf.FedMFConfig()),
+         _Method(FEDRECON, 'fedrecon', fedrecon_ncf.FedReconConfig())]
   if dataset == common.ML100K:
     out.append(_Method(FEDRAP, 'fedrap', fedrap.FedRAPConfig()))
   out.append(_Method(PFEDREC_GLOBAL_DP, 'pfedrec', pfedrec.PFedRecConfig(ranking='global'),
@@ -223,12 +226,17 @@ def _table(dataset: str) -> harness.TableSpec:
       'negatives are demoted (tff_rec/training/pfedrec.py, RANKINGS).',
       'FedMF: PFedRec\'s client recipe (rates, batch, loss) with one joint SGD step per batch '
       'and ranking with the aggregated table (tff_rec/training/fedmf.py).',
+      'FedRecon: the same model and recipe; each round the device rebuilds its user vector from '
+      f'the same initial value ({fedrecon_ncf.FedReconConfig().recon_epochs} passes of '
+      'user-vector-only steps), then trains the item rows '
+      'with it frozen, and rebuilds it against the aggregated table to rank '
+      '(tff_rec/training/fedrecon_ncf.py).',
       f'DP: gaussian_adaptive (median clip), every user every round (sampling rate 1), noise '
       f'calibrated to epsilon {DP_EPSILON:g} at delta 1/population^1.1 over the rounds run (RDP '
       'accountant); the device state never leaves the device. Validation-based round '
       'selection and the reported metrics are not private.',
-      'Not yet measured here: central GMF / MLP / NeuMF, FedNCF and FedRecon under this '
-      'protocol (issue 22).',
+      'Not yet measured here: central GMF / MLP / NeuMF and FedNCF under this protocol '
+      '(issue 22).',
   ]
   if dataset == common.ML1M:
     notes.append('FedRAP is left out on ML-1M: its device state is a full personal item '

@@ -1,4 +1,4 @@
-"""Personalized federated recommenders by name (PFedRec, FedRAP, FedMF), trained under the federated-NCF protocol.
+"""Personalized federated recommenders by name (PFedRec, FedRAP, FedMF, FedRecon), trained under the federated-NCF protocol.
 
   result = personalized.train(
       'pfedrec', data, hparams=pfedrec.PFedRecConfig(),
@@ -19,15 +19,16 @@ import tensorflow_federated as tff
 from tff_rec.data import fedrec_protocol
 from tff_rec.training import fedmf
 from tff_rec.training import fedrap
+from tff_rec.training import fedrecon_ncf
 from tff_rec.training import personalized_loop
 from tff_rec.training import pfedrec
 
-ALGORITHMS = ('pfedrec', 'fedrap', 'fedmf')
+ALGORITHMS = ('pfedrec', 'fedrap', 'fedmf', 'fedrecon')
 HPARAMS = {'pfedrec': pfedrec.PFedRecConfig, 'fedrap': fedrap.FedRAPConfig,
-           'fedmf': fedmf.FedMFConfig}
-_MODULES = {'pfedrec': pfedrec, 'fedrap': fedrap, 'fedmf': fedmf}
+           'fedmf': fedmf.FedMFConfig, 'fedrecon': fedrecon_ncf.FedReconConfig}
+_MODULES = {'pfedrec': pfedrec, 'fedrap': fedrap, 'fedmf': fedmf, 'fedrecon': fedrecon_ncf}
 _BUILDERS = {'pfedrec': pfedrec.build_pfedrec, 'fedrap': fedrap.build_fedrap,
-             'fedmf': fedmf.build_fedmf}
+             'fedmf': fedmf.build_fedmf, 'fedrecon': fedrecon_ncf.build_fedrecon}
 
 
 def check_algorithm(name: str) -> str:
