@@ -68,11 +68,6 @@ class PFedRecConfig:
       steps. 'global' (ours, not in the paper): the aggregated table after
       the server update, scored with the device's own head; see
       `RANKINGS` for why.
-    recon_epochs: With `ranking='global'` (ours, not in the paper): before
-      ranking, the device refits its score function to the aggregated table
-      with this many head-only SGD passes over the round's examples, as
-      Federated Reconstruction rebuilds user embeddings against the current
-      global model. The stored device state is the training head.
   """
 
   embedding_dim: int = 32
@@ -83,16 +78,10 @@ class PFedRecConfig:
   l2: float = 0.0
   top_k: int = 10
   ranking: str = 'fine_tuned'
-  recon_epochs: int = 0
 
   def __post_init__(self):
     if self.ranking not in RANKINGS:
       raise ValueError(f'ranking must be one of {RANKINGS}, got {self.ranking!r}')
-    if self.recon_epochs < 0:
-      raise ValueError(f'recon_epochs must be >= 0, got {self.recon_epochs}')
-    if self.recon_epochs and self.ranking != 'global':
-      raise ValueError("recon_epochs refits the head to the aggregated table: it needs "
-                       "ranking='global'")
     for name in ('embedding_dim', 'batch_size', 'local_epochs', 'top_k'):
       if getattr(self, name) <= 0:
         raise ValueError(f'{name} must be positive, got {getattr(self, name)}')
@@ -128,7 +117,8 @@ def personal_type(config: PFedRecConfig) -> tff.StructType:
 
 
 def fit_head(table, head_w, head_b, items, labels, *, config: PFedRecConfig, epochs: int):
-  """`epochs` passes of head-only SGD steps (PFedRec's head step) on a fixed table.
+  """`epochs` passes of head-only SGD steps (PFedRec's head step) on a fixed table
+  (FedRecon's reconstruction, `fedrecon_ncf`).
 
   Returns:
     (head_w, head_b).
@@ -260,12 +250,8 @@ def build_global_ranking_eval(config: PFedRecConfig, num_items: int, weights_typ
 
   @tff.tensorflow.computation(weights_type, personal_type(config), pp.data_type())
   def client_eval(weights, personal, data):
-    table = weights.trainable[0]
-    head_w, head_b = personal['head_w'], personal['head_b']
-    if config.recon_epochs:
-      head_w, head_b = fit_head(table, head_w, head_b, data['items'], data['labels'],
-                                config=config, epochs=config.recon_epochs)
-    probs = tf.sigmoid(tf.linalg.matvec(table, head_w) + head_b)
+    probs = tf.sigmoid(tf.linalg.matvec(weights.trainable[0], personal['head_w']) +
+                       personal['head_b'])
     metrics = pp.device_metrics(probs, data, num_items, config.top_k)
     return collections.OrderedDict((k, metrics[k]) for k in pp.EVAL_SUMS)
 
