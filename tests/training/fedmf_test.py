@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from tests.training import recording_aggregator
 from tff_rec.data import fedrec_protocol as fp
 from tff_rec.data import synthetic
 from tff_rec.training import device_state
@@ -59,20 +60,9 @@ def test_client_step_is_a_joint_sgd_step(data):
     fedmf.FedMFConfig(ranking='fine_tuned')
 
 
-class _RecordingMean(tff.aggregators.UnweightedAggregationFactory):
-
-  def __init__(self):
-    self.value_types = []
-    self._inner = tff.aggregators.UnweightedMeanFactory()
-
-  def create(self, value_type):
-    self.value_types.append(value_type)
-    return self._inner.create(value_type)
-
-
 def test_only_the_item_table_is_aggregated_and_eval_uses_the_aggregate(data, tff_context):
   del tff_context
-  recorder = _RecordingMean()
+  recorder = recording_aggregator.RecordingMean()
   process = fedmf.build_fedmf(config=CFG, num_items=data.num_items, model_aggregator=recorder)
   table_type = tff.TensorType(np.float32, [data.num_items, CFG.embedding_dim])
   assert [str(t) for t in recorder.value_types] == [str(tff.StructType([table_type]))]

@@ -11,6 +11,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from tests.training import recording_aggregator
 from tff_rec.data import fedrec_protocol as fp
 from tff_rec.data import synthetic
 from tff_rec.models import metrics as metrics_lib
@@ -101,21 +102,9 @@ def test_device_metrics_match_toolkit_ranking(data):
     assert np.mean(got[f'{part}_full_ndcg']) == pytest.approx(full['ndcg'])
 
 
-class _RecordingMean(tff.aggregators.UnweightedAggregationFactory):
-  """TFF's unweighted mean, recording the type it is asked to aggregate."""
-
-  def __init__(self):
-    self.value_types = []
-    self._inner = tff.aggregators.UnweightedMeanFactory()
-
-  def create(self, value_type):
-    self.value_types.append(value_type)
-    return self._inner.create(value_type)
-
-
 def test_only_the_item_table_is_aggregated(data, tff_context):
   del tff_context
-  recorder = _RecordingMean()
+  recorder = recording_aggregator.RecordingMean()
   process = pfedrec.build_pfedrec(config=CFG, num_items=data.num_items, model_aggregator=recorder)
   table_type = tff.TensorType(np.float32, [data.num_items, CFG.embedding_dim])
   assert [str(t) for t in recorder.value_types] == [str(tff.StructType([table_type]))]
