@@ -1,6 +1,5 @@
 """FedMF under the federated-NCF protocol: the joint client step, what is aggregated, learning, resume."""
 
-import collections
 import sys
 
 import numpy as np
@@ -74,8 +73,8 @@ def test_only_the_item_table_is_aggregated_and_eval_uses_the_aggregate(data, tff
   table, user = fedmf.initial_values(CFG, data.num_items, seed=0)
   users = np.array([1, 4, 7])
   ex = fp.round_examples(data, 'as_published', np.random.default_rng(3), users=users)
-  out = process.next(process.initialize(),
-                     personalized_loop.client_inputs(data, users, ex, [user] * users.size))
+  clients = personalized_loop.client_inputs(data, users, ex, [user] * users.size)
+  out = process.next(process.initialize(), clients)
   locals_, heads = [], []
   for k in range(users.size):
     t, w, b = _numpy_client(table, user['head_w'], user['head_b'], *ex.of(k), CFG, data.num_items)
@@ -85,16 +84,12 @@ def test_only_the_item_table_is_aggregated_and_eval_uses_the_aggregate(data, tff
   np.testing.assert_allclose(new_table, np.mean(locals_, axis=0), rtol=1e-3, atol=1e-3)
   # Each device ranks with the aggregated table and its own new user vector.
   hits = []
-  for k, u in enumerate(users.tolist()):
+  for k in range(users.size):
     got = out['personal'][k]
     np.testing.assert_allclose(got['head_w'], heads[k][0], rtol=1e-4, atol=1e-5)
     probs = tf.sigmoid(tf.linalg.matvec(tf.constant(new_table), tf.constant(got['head_w'])) +
                        got['head_b'])
-    data_k = collections.OrderedDict(
-        train_items=tf.constant(data.train_items_of(u)), val_item=tf.constant(data.val_items[u]),
-        val_negatives=tf.constant(data.val_negatives[u]),
-        test_item=tf.constant(data.test_items[u]),
-        test_negatives=tf.constant(data.test_negatives[u]))
+    data_k = {n: tf.constant(v) for n, v in clients[k]['data'].items()}
     hits.append(pp.device_metrics(probs, data_k, data.num_items, CFG.top_k))
   for key in pp.EVAL_SUMS:
     assert out['metrics']['train'][key.replace('_hit', '_hr')] == pytest.approx(

@@ -177,16 +177,12 @@ def test_global_ranking_scores_with_the_aggregate_and_the_own_head(data, tff_con
   np.testing.assert_allclose(new_table, out_ref['state'].global_model_weights.trainable[0],
                              rtol=1e-6, atol=1e-6)
   expected = collections.defaultdict(list)
-  for k, u in enumerate(users.tolist()):
+  for k in range(users.size):
     got = out['personal'][k]
     np.testing.assert_allclose(got['head_w'], out_ref['personal'][k]['head_w'], rtol=1e-6)
     probs = tf.sigmoid(tf.linalg.matvec(tf.constant(new_table), tf.constant(got['head_w'])) +
                        got['head_b'])
-    data_k = collections.OrderedDict(
-        train_items=tf.constant(data.train_items_of(u)), val_item=tf.constant(data.val_items[u]),
-        val_negatives=tf.constant(data.val_negatives[u]),
-        test_item=tf.constant(data.test_items[u]),
-        test_negatives=tf.constant(data.test_negatives[u]))
+    data_k = {n: tf.constant(v) for n, v in clients[k]['data'].items()}
     for key, v in pp.device_metrics(probs, data_k, data.num_items, cfg.top_k).items():
       expected[key].append(float(v))
   for key in pp.EVAL_SUMS:

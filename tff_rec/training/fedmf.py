@@ -79,15 +79,12 @@ def local_train(table, user_w, user_b, items, labels, *, config: FedMFConfig, nu
     logits = tf.linalg.matvec(e, w) + bias
     loss_sum += pp.bce_loss(logits, y) * tf.cast(end - start, tf.float32)
     g = pp.bce_logit_grad(logits, y)
-    grad_w = tf.linalg.matvec(e, g, transpose_a=True)
-    grad_b = tf.reduce_sum(g)
-    rows = g[:, None] * w[None, :]
+    rows = g[:, None] * w[None, :]  # from the head before its step: a joint step
+    new_w, new_bias = pfedrec.head_step(e, g, w, bias, lr=lr, l2=l2)
     if l2:
-      grad_w += l2 * w
-      grad_b += l2 * bias
       table = table * (1.0 - item_lr * l2)
     table = tf.tensor_scatter_nd_sub(table, it[:, None], item_lr * rows)
-    return step + 1, table, w - lr * grad_w, bias - lr * grad_b, loss_sum
+    return step + 1, table, new_w, new_bias, loss_sum
 
   _, table, user_w, user_b, loss_sum = tf.while_loop(
       lambda step, *_: step < steps, body,

@@ -116,6 +116,27 @@ def personal_type(config: PFedRecConfig) -> tff.StructType:
       head_b=tff.TensorType(np.float32)))
 
 
+def head_step(e, g, w, bias, *, lr, l2: float):
+  """One SGD step on the score function (w, bias) of logits `e @ w + bias`.
+
+  Args:
+    e: The batch's item rows `[batch, d]`.
+    g: d loss / d logits (`personalized_process.bce_logit_grad`).
+    w, bias: The head.
+    lr: Its learning rate.
+    l2: SGD weight decay (0: none).
+
+  Returns:
+    (w, bias) after the step.
+  """
+  grad_w = tf.linalg.matvec(e, g, transpose_a=True)
+  grad_b = tf.reduce_sum(g)
+  if l2:
+    grad_w += l2 * w
+    grad_b += l2 * bias
+  return w - lr * grad_w, bias - lr * grad_b
+
+
 def fit_head(table, head_w, head_b, items, labels, *, config: PFedRecConfig, epochs: int):
   """`epochs` passes of head-only SGD steps (PFedRec's head step) on a fixed table
   (FedRecon's reconstruction, `fedrecon_ncf`).
@@ -133,12 +154,7 @@ def fit_head(table, head_w, head_b, items, labels, *, config: PFedRecConfig, epo
     end = tf.minimum(start + b, n)
     e = tf.gather(table, items[start:end])
     g = pp.bce_logit_grad(tf.linalg.matvec(e, w) + bias, labels[start:end])
-    grad_w = tf.linalg.matvec(e, g, transpose_a=True)
-    grad_b = tf.reduce_sum(g)
-    if config.l2:
-      grad_w += config.l2 * w
-      grad_b += config.l2 * bias
-    return step + 1, w - lr * grad_w, bias - lr * grad_b
+    return (step + 1, *head_step(e, g, w, bias, lr=lr, l2=config.l2))
 
   _, head_w, head_b = tf.while_loop(lambda step, *_: step < num_batches * epochs, body,
                                     (tf.constant(0), head_w, head_b))
@@ -169,13 +185,7 @@ def local_train(table, head_w, head_b, items, labels, *, config: PFedRecConfig, 
     e = tf.gather(table, it)
     # Score-function (head) step.
     g = pp.bce_logit_grad(tf.linalg.matvec(e, w) + bias, y)
-    grad_w = tf.linalg.matvec(e, g, transpose_a=True)
-    grad_b = tf.reduce_sum(g)
-    if l2:
-      grad_w += l2 * w
-      grad_b += l2 * bias
-    w = w - lr * grad_w
-    bias = bias - lr * grad_b
+    w, bias = head_step(e, g, w, bias, lr=lr, l2=l2)
     # Item-embedding step with the updated head.
     logits = tf.linalg.matvec(e, w) + bias
     loss_sum += pp.bce_loss(logits, y) * tf.cast(end - start, tf.float32)
