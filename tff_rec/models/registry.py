@@ -8,6 +8,7 @@ from typing import Any
 from tff_rec.models import base
 from tff_rec.models import mf
 from tff_rec.models import neumf
+from tff_rec.models import sasrec
 from tff_rec.models import two_tower
 
 MODEL_NAMES = ('mf', 'gmf', 'mlp', 'neumf', 'ncf_softmax', 'two_tower')
@@ -84,3 +85,42 @@ def default_task(name: str, **hparams: Any) -> str:
   if task not in (base.TASK_RATING, base.TASK_IMPLICIT):
     raise ValueError(f'unknown task {task!r} for model {name!r}')
   return task
+
+
+# Sequential models: the input is a user's recent items, not a user id.
+SEQUENTIAL_MODEL_NAMES = ('sasrec',)
+_SEQUENTIAL_BUILDERS = {'sasrec': sasrec.build_sasrec}
+
+
+def sequential_hparam_names(name: str) -> tuple[str, ...]:
+  """The hyperparameters `build_sequential_model(name, ...)` accepts as keywords."""
+  if name not in _SEQUENTIAL_BUILDERS:
+    raise ValueError(f'unknown sequential model {name!r}; valid: {", ".join(SEQUENTIAL_MODEL_NAMES)}')
+  params = inspect.signature(_SEQUENTIAL_BUILDERS[name]).parameters
+  return tuple(p for p, v in params.items()
+               if v.kind == inspect.Parameter.KEYWORD_ONLY and p not in ('seed', 'item_init'))
+
+
+def build_sequential_model(name: str, num_items: int, *, seed: int = 0, item_init: Any = None,
+                           **hparams: Any) -> Any:
+  """Builds the sequential model `name` (e.g. `sasrec.SASRec`) with its variables.
+
+  Args:
+    name: One of `SEQUENTIAL_MODEL_NAMES`.
+    num_items: Items (ids 1..num_items; 0 pads).
+    seed: Initializer seed.
+    item_init: Optional initial item table `[num_items + 1, d]`.
+    **hparams: The builder's hyperparameters (`sequential_hparam_names(name)`).
+
+  Returns:
+    The built Keras model.
+
+  Raises:
+    ValueError: An unknown name or hyperparameter (the message lists the valid ones).
+  """
+  valid = sequential_hparam_names(name)
+  unknown = sorted(set(hparams) - set(valid))
+  if unknown:
+    raise ValueError(f'model {name!r} has no hyperparameter(s) {", ".join(unknown)}; '
+                     f'valid: {", ".join(valid)}')
+  return _SEQUENTIAL_BUILDERS[name](num_items, seed=seed, item_init=item_init, **hparams)

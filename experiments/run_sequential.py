@@ -1,0 +1,143 @@
+"""Central sequential recommendation (SASRec) with the SASRec evaluation protocol.
+
+  python -m experiments.run_sequential --dataset=ml-1m --data_dir=../shared/data \\
+      [--size=paper|large] [--epochs=200]
+
+Each user's ratings in time order; the last is the test item, the second to
+last the validation item (tff_rec/data/sequences.py). Each held-out item is
+ranked against 100 negatives the user never rated, and against every item
+outside the user's history; the reported score is the test score at the
+evaluation with the best validation HR@10. `--size=paper` is Kang and
+McAuley's ML-1M setting (d=50, 2 blocks, 1 head, maxlen 200, dropout 0.2,
+Adam 0.001, batch 128); `--size=large` is d=256, 4 blocks, 4 heads.
+
+Writes hparams.json, history.json (one row per evaluation) and result.json
+under --root_output_dir/--experiment_name.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+from absl import app
+from absl import flags
+
+from experiments import common_flags
+from tff_rec import atomic
+from tff_rec.data import errors
+from tff_rec.data import sequences
+from tff_rec.models import sasrec
+from tff_rec.training import data_setup
+from tff_rec.training import run_dir as run_dir_lib
+from tff_rec.training import sequential
+
+FLAGS = flags.FLAGS
+
+SIZES = {
+    'paper': dict(hidden_units=50, num_blocks=2, num_heads=1),
+    'large': dict(hidden_units=256, num_blocks=4, num_heads=4),
+}
+_DATASETS = ('ml-1m', 'ml-100k', 'ml-latest-small')
+
+flags.DEFINE_enum('dataset', 'ml-1m', list(_DATASETS), 'MovieLens release (every rating is an action).')
+common_flags.define_data_dir_flag('Folder (or .zip) holding the MovieLens data, e.g. ../shared/data.')
+flags.DEFINE_string('cache_dir', None, 'Download cache (default ~/.cache/tff_rec).')
+flags.DEFINE_integer('min_actions', sequences.MIN_ACTIONS,
+                     'Drop users and items with fewer actions (0 keeps all).')
+flags.DEFINE_integer('eval_negatives', sequences.EVAL_NEGATIVES, 'Sampled negatives per held-out item.')
+flags.DEFINE_enum('model', 'sasrec', ['sasrec'], 'Sequential model.')
+flags.DEFINE_enum('size', 'paper', list(SIZES), 'paper: d=50, 2 blocks, 1 head; large: d=256, '
+                  '4 blocks, 4 heads (each overridable below).')
+flags.DEFINE_integer('maxlen', 200, 'Input window: the last N items of the history.')
+flags.DEFINE_integer('hidden_units', None, 'Embedding / hidden size d (default: --size).')
+flags.DEFINE_integer('num_blocks', None, 'Self-attention blocks (default: --size).')
+flags.DEFINE_integer('num_heads', None, 'Attention heads, dividing d (default: --size).')
+flags.DEFINE_float('dropout', 0.2, 'Dropout rate.')
+flags.DEFINE_bool('positional', True, 'Learned positional embedding (False: the ablation).')
+flags.DEFINE_enum('loss', 'bce', list(sasrec.LOSSES), 'bce: the paper\'s, one negative per '
+                  'position; sampled_softmax: softmax over the next item and --num_negatives.')
+flags.DEFINE_integer('num_negatives', None, 'Negatives per position (sampled_softmax; default 100).')
+flags.DEFINE_float('learning_rate', 0.001, 'Adam learning rate.')
+flags.DEFINE_integer('batch_size', 128, 'Sequences per step.')
+flags.DEFINE_integer('epochs', 200, 'Epochs of num_users // batch_size steps.')
+flags.DEFINE_integer('eval_every', 20, 'Evaluate every N epochs (and after the last).')
+flags.DEFINE_integer('top_k', 10, 'K of HR@K / NDCG@K.')
+common_flags.define_output_flags('sequential')
+flags.DEFINE_bool('progress_bar', True, 'Show a progress bar.')
+
+
+def _config() -> sequential.SequentialConfig:
+  """The run's configuration from the flags; UsageError names the flag."""
+  for name in ('maxlen', 'epochs', 'eval_every', 'top_k', 'batch_size', 'eval_negatives'):
+    common_flags._positive(name)  # pylint: disable=protected-access
+  for name in ('hidden_units', 'num_blocks', 'num_heads', 'num_negatives'):
+    common_flags._positive(name, allow_none=True)  # pylint: disable=protected-access
+  if FLAGS.min_actions < 0:
+    raise app.UsageError(f'--min_actions must be >= 0, got {FLAGS.min_actions}')
+  if FLAGS.loss == 'bce' and FLAGS.num_negatives not in (None, 1):
+    raise app.UsageError('--num_negatives applies to --loss=sampled_softmax (bce uses one)')
+  if FLAGS.data_dir is not None and not os.path.exists(FLAGS.data_dir):
+    raise app.UsageError(f'--data_dir={FLAGS.data_dir} does not exist')
+  hparams = dict(SIZES[FLAGS.size], maxlen=FLAGS.maxlen, dropout=FLAGS.dropout,
+                 positional=FLAGS.positional)
+  for name in ('hidden_units', 'num_blocks', 'num_heads'):
+    if FLAGS[name].value is not None:
+      hparams[name] = FLAGS[name].value
+  if hparams['hidden_units'] % hparams['num_heads']:
+    raise app.UsageError(f'--num_heads={hparams["num_heads"]} must divide --hidden_units='
+                         f'{hparams["hidden_units"]}')
+  if not 0.0 <= FLAGS.dropout < 1.0:
+    raise app.UsageError(f'--dropout must be in [0, 1), got {FLAGS.dropout}')
+  negatives = 1 if FLAGS.loss == 'bce' else (FLAGS.num_negatives or 100)
+  try:
+    return sequential.SequentialConfig(
+        model=FLAGS.model, hparams=hparams, loss=FLAGS.loss, num_negatives=negatives,
+        learning_rate=FLAGS.learning_rate, batch_size=FLAGS.batch_size, epochs=FLAGS.epochs,
+        eval_every=FLAGS.eval_every, top_k=FLAGS.top_k, seed=FLAGS.seed,
+        progress_bar=FLAGS.progress_bar)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  common_flags.quiet_logging()
+  config = _config()
+  common_flags.check_output_dir(FLAGS.root_output_dir, FLAGS.experiment_name)
+  run_dir = os.path.join(FLAGS.root_output_dir, FLAGS.experiment_name)
+  if os.path.exists(os.path.join(run_dir, 'result.json')):
+    raise app.UsageError(f'--experiment_name: {run_dir} already holds a finished run '
+                         '(result.json); choose another name')
+  try:
+    ratings = data_setup.load_ratings(data_setup.DataConfig(
+        dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, cache_dir=FLAGS.cache_dir, seed=FLAGS.seed))
+    split = sequences.split_sequences(ratings, seed=FLAGS.seed, num_negatives=FLAGS.eval_negatives,
+                                      min_actions=FLAGS.min_actions or None)
+  except (errors.DataError, ValueError) as e:
+    raise app.UsageError(f'--dataset/--data_dir: {e}') from e
+  os.makedirs(run_dir, exist_ok=True)
+  with run_dir_lib.lock(run_dir):
+    hparams = dict(dataset=FLAGS.dataset, min_actions=FLAGS.min_actions,
+                   eval_negatives=FLAGS.eval_negatives, size=FLAGS.size,
+                   config=sequential.config_dict(config), data=split.summary())
+    atomic.write_json(os.path.join(run_dir, 'hparams.json'), hparams)
+    history = []
+
+    def on_eval(row):
+      history.append(row)
+      atomic.write_json(os.path.join(run_dir, 'history.json'), history)
+
+    result = sequential.train(config, split, on_eval=on_eval)
+    summary = dict(hparams, best_epoch=result.best_epoch, valid=result.valid, test=result.test,
+                   seconds_per_epoch=result.seconds_per_epoch,
+                   num_parameters=result.num_parameters)
+    atomic.write_json(os.path.join(run_dir, 'result.json'), summary)
+  k = config.top_k
+  print(f'{run_dir}: best epoch {result.best_epoch} by val HR@{k}: test HR@{k} '
+        f'{result.test[f"hr@{k}"]:.4f}, NDCG@{k} {result.test[f"ndcg@{k}"]:.4f} (sampled); '
+        f'{result.test[f"full_hr@{k}"]:.4f} / {result.test[f"full_ndcg@{k}"]:.4f} (full ranking)')
+
+
+if __name__ == '__main__':
+  common_flags.run(main)

@@ -1,0 +1,306 @@
+"""Central training and evaluation of sequential recommenders (SASRec) on `SequenceSplit`s.
+
+The loop is the reference's (github kang205/SASRec, `main.py`, `sampler.py`):
+
+* an epoch is `num_users // batch_size` steps (`main.py:38`); each batch
+  draws users uniformly with replacement among those with at least two
+  training items (`sampler.py:16-17`);
+* a user's input window is the last `maxlen` training items but one, the
+  targets are the same window shifted by one, and each target position gets
+  a negative drawn uniformly from the items outside the user's training set
+  (`sampler.py:19-31`);
+* Adam with lr 0.001 and beta_2 0.98 (`model.py:106`);
+* every `eval_every` epochs the validation and test items are ranked
+  (`main.py:68`, `util.py`); we report the test metrics of the evaluation
+  with the best validation HR@10, and also full-ranking HR@10 / NDCG@10 over
+  every item outside the user's history (the ranked item's own sequence).
+
+Ranks are pessimistic, as everywhere in the toolkit: a held-out item is
+placed after every candidate with an equal score. Non-finite scores or a
+non-finite loss stop training with an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, Callable, Optional
+
+import numpy as np
+import tensorflow as tf
+import tqdm
+
+from tff_rec.data import sequences
+from tff_rec.models import registry
+from tff_rec.models import sasrec
+
+
+@dataclasses.dataclass(frozen=True)
+class SequentialConfig:
+  """A central sequential-recommendation run; defaults are SASRec's ML-1M setting.
+
+  Attributes:
+    model: Registry name (`registry.SEQUENTIAL_MODEL_NAMES`).
+    hparams: The model's hyperparameters (maxlen, hidden_units, num_blocks,
+      num_heads, dropout, positional).
+    loss: 'bce' (one negative per position) or 'sampled_softmax'.
+    num_negatives: Negatives per position for 'sampled_softmax'.
+    learning_rate: Adam learning rate.
+    beta_2: Adam beta_2.
+    batch_size: Sequences per step.
+    epochs: Epochs of `num_users // batch_size` steps.
+    eval_every: Evaluate every this many epochs (and after the last).
+    top_k: K of HR@K and NDCG@K.
+    eval_batch_size: Users per evaluation batch.
+    seed: Seed of initialization, sampling and dropout.
+    progress_bar: Show a progress bar over epochs.
+  """
+
+  model: str = 'sasrec'
+  hparams: dict = dataclasses.field(default_factory=lambda: dict(
+      maxlen=200, hidden_units=50, num_blocks=2, num_heads=1, dropout=0.2, positional=True))
+  loss: str = 'bce'
+  num_negatives: int = 1
+  learning_rate: float = 0.001
+  beta_2: float = 0.98
+  batch_size: int = 128
+  epochs: int = 200
+  eval_every: int = 20
+  top_k: int = 10
+  eval_batch_size: int = 256
+  seed: int = 0
+  progress_bar: bool = True
+
+  def __post_init__(self):
+    if self.loss not in sasrec.LOSSES:
+      raise ValueError(f'unknown loss {self.loss!r}; valid: {", ".join(sasrec.LOSSES)}')
+    for what in ('num_negatives', 'batch_size', 'epochs', 'eval_every', 'top_k', 'eval_batch_size'):
+      if getattr(self, what) < 1:
+        raise ValueError(f'{what} must be >= 1, got {getattr(self, what)}')
+    if self.loss == 'bce' and self.num_negatives != 1:
+      raise ValueError('loss "bce" takes exactly one negative per position (num_negatives=1)')
+    if not self.learning_rate > 0:
+      raise ValueError(f'learning_rate must be > 0, got {self.learning_rate}')
+
+  @property
+  def maxlen(self) -> int:
+    return int(self.hparams.get('maxlen', 200))
+
+
+def config_dict(config: SequentialConfig) -> dict:
+  """The configuration as JSON-ready values (without the progress-bar switch)."""
+  out = dataclasses.asdict(config)
+  del out['progress_bar']
+  return out
+
+
+class TrainingSampler:
+  """Batches of (window, next items, negatives) as in the reference's `sampler.py`."""
+
+  def __init__(self, split: sequences.SequenceSplit, maxlen: int, *, num_negatives: int = 1,
+               seed: int = 0):
+    self._train = split.train
+    self._maxlen = maxlen
+    self._num_items = split.num_items
+    self._num_negatives = num_negatives
+    self._rng = np.random.default_rng(seed)
+    self._users = np.array([u for u, s in enumerate(split.train) if len(s) >= 2], np.int64)
+    if not self._users.size:
+      raise ValueError(f'{split.name}: no user has two training items to learn a transition from')
+    # Sorted keys user * (num_items + 1) + item of every training pair (negatives avoid them).
+    width = split.num_items + 1
+    keys = [u * width + np.unique(s).astype(np.int64) for u, s in enumerate(split.train) if len(s)]
+    self._keys = np.sort(np.concatenate(keys)) if keys else np.zeros(0, np.int64)
+    self._width = width
+
+  @property
+  def trainable_users(self) -> int:
+    return int(self._users.size)
+
+  def _negatives(self, users: np.ndarray, shape: tuple) -> np.ndarray:
+    out = self._rng.integers(1, self._num_items + 1, size=shape + (self._num_negatives,))
+    users = np.broadcast_to(users.reshape((-1,) + (1,) * len(shape)), out.shape)
+    todo = np.ones(out.shape, bool)
+    for _ in range(1000):
+      keys = users[todo] * self._width + out[todo]
+      pos = np.minimum(np.searchsorted(self._keys, keys), self._keys.size - 1)
+      clash = self._keys[pos] == keys
+      idx = np.flatnonzero(todo)
+      todo[:] = False
+      todo.flat[idx[clash]] = True
+      if not todo.any():
+        return out.astype(np.int32)
+      out[todo] = self._rng.integers(1, self._num_items + 1, size=int(todo.sum()))
+    raise ValueError('could not draw negatives outside a user\'s training set (the user rated '
+                     'almost every item)')
+
+  def batch(self, batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`(seq, pos, neg)`: int32 [B, maxlen] twice and [B, maxlen] (or [B, maxlen, K])."""
+    users = self._rng.choice(self._users, size=batch_size)
+    seq = np.stack([sequences.left_padded(self._train[u][:-1], self._maxlen) for u in users])
+    pos = np.stack([sequences.left_padded(self._train[u][1:], self._maxlen) for u in users])
+    neg = self._negatives(users, (batch_size, self._maxlen)) * (pos[..., None] > 0)
+    if self._num_negatives == 1:
+      neg = neg[..., 0]
+    return seq, pos, neg.astype(np.int32)
+
+
+def _history_mask(split: sequences.SequenceSplit, users: np.ndarray, which: str) -> np.ndarray:
+  """bool [U, num_items + 1]: the items a held-out item is ranked against in full ranking."""
+  allowed = np.ones((users.size, split.num_items + 1), bool)
+  allowed[:, 0] = False
+  for row, u in enumerate(users):
+    allowed[row, split.history(u, for_test=which == 'test')] = False
+  return allowed
+
+
+def evaluate(model: sasrec.SASRec, split: sequences.SequenceSplit, *, which: str,
+             maxlen: int, top_k: int = 10, batch_size: int = 256,
+             users: Optional[np.ndarray] = None) -> dict[str, float]:
+  """Sampled and full-ranking HR@K / NDCG@K of the held-out `which` item.
+
+  Args:
+    model: A SASRec-like model (`score_candidates`, `score_all`).
+    split: The split.
+    which: 'valid' or 'test'.
+    maxlen: The model's input window.
+    top_k: K.
+    batch_size: Users per batch.
+    users: Users to rank (default: every evaluated user).
+
+  Returns:
+    `{'hr@K', 'ndcg@K', 'full_hr@K', 'full_ndcg@K', 'users'}`.
+
+  Raises:
+    FloatingPointError: The model produced a non-finite score.
+  """
+  windows, candidates, users = sequences.eval_inputs(split, maxlen, which=which, users=users)
+  if not users.size:
+    raise ValueError(f'{split.name}: no user has a held-out {which} item')
+  sampled_ranks, full_ranks = [], []
+  for start in range(0, users.size, batch_size):
+    sl = slice(start, start + batch_size)
+    scores = np.asarray(model.score_all(windows[sl]))
+    if not np.all(np.isfinite(scores)):
+      raise FloatingPointError(f'non-finite scores ranking the {which} items')
+    rows = np.arange(scores.shape[0])
+    cand = np.take_along_axis(scores, candidates[sl], axis=1)
+    sampled_ranks.append(np.sum(cand[:, 1:] >= cand[:, :1], axis=1))
+    target = scores[rows, candidates[sl, 0]]
+    allowed = _history_mask(split, users[sl], which)
+    allowed[rows, candidates[sl, 0]] = False
+    full_ranks.append(np.sum((scores >= target[:, None]) & allowed, axis=1))
+  out = {'users': int(users.size)}
+  for prefix, ranks in (('', np.concatenate(sampled_ranks)), ('full_', np.concatenate(full_ranks))):
+    hit = ranks < top_k
+    out[f'{prefix}hr@{top_k}'] = float(hit.mean())
+    out[f'{prefix}ndcg@{top_k}'] = float(np.mean(np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0)))
+  return out
+
+
+@dataclasses.dataclass
+class SequentialResult:
+  """What `train` returns.
+
+  Attributes:
+    model: The model restored to its best-validation weights.
+    best_epoch: The epoch of the best validation HR@K.
+    valid: Validation metrics at `best_epoch`.
+    test: Test metrics at `best_epoch` (the reported numbers).
+    history: One row per evaluation: epoch, loss, seconds, valid/* and test/*.
+    seconds_per_epoch: Median training seconds per epoch.
+    num_parameters: Trainable parameters.
+  """
+
+  model: sasrec.SASRec
+  best_epoch: int
+  valid: dict
+  test: dict
+  history: list
+  seconds_per_epoch: float
+  num_parameters: int
+
+
+def build_model(config: SequentialConfig, split: sequences.SequenceSplit, *,
+                item_init: Optional[np.ndarray] = None) -> sasrec.SASRec:
+  """The config's model over the split's items.
+
+  Args:
+    config: The run's configuration.
+    split: The split (its item count).
+    item_init: Optional initial item table `[num_items + 1, d]`.
+
+  Returns:
+    The built model.
+  """
+  return registry.build_sequential_model(config.model, split.num_items, seed=config.seed,
+                                         item_init=item_init, **config.hparams)
+
+
+def train(config: SequentialConfig, split: sequences.SequenceSplit, *,
+          item_init: Optional[np.ndarray] = None,
+          on_eval: Optional[Callable[[dict], Any]] = None) -> SequentialResult:
+  """Trains centrally and reports the test metrics at the best validation HR@K.
+
+  Args:
+    config: The run's configuration.
+    split: Sequences with held-out items.
+    item_init: Optional initial item table `[num_items + 1, d]`.
+    on_eval: Called with each history row as it is made.
+
+  Returns:
+    The `SequentialResult`.
+
+  Raises:
+    FloatingPointError: The loss or a score became non-finite.
+  """
+  tf.keras.utils.set_random_seed(config.seed)
+  model = build_model(config, split, item_init=item_init)
+  optimizer = tf.keras.optimizers.Adam(config.learning_rate, beta_2=config.beta_2)
+  sampler = TrainingSampler(split, config.maxlen, num_negatives=config.num_negatives,
+                            seed=config.seed)
+  neg_shape = [None, config.maxlen] + ([config.num_negatives] if config.loss != 'bce' else [])
+
+  @tf.function(input_signature=[tf.TensorSpec([None, config.maxlen], tf.int32),
+                                tf.TensorSpec([None, config.maxlen], tf.int32),
+                                tf.TensorSpec(neg_shape, tf.int32)])
+  def step(seq, pos, neg):
+    with tf.GradientTape() as tape:
+      loss = sasrec.sequence_loss(model, seq, pos, neg, loss=config.loss, training=True)
+    grads = tape.gradient(loss, model.trainable_variables)
+    optimizer.apply_gradients(zip(grads, model.trainable_variables))
+    return loss
+
+  steps = max(1, split.num_users // config.batch_size)
+  history, epoch_seconds = [], []
+  best = None
+  bar = tqdm.trange(config.epochs, desc=config.model, unit='epoch', disable=not config.progress_bar)
+  for epoch in range(1, config.epochs + 1):
+    start = time.perf_counter()
+    losses = [float(step(*sampler.batch(config.batch_size))) for _ in range(steps)]
+    epoch_seconds.append(time.perf_counter() - start)
+    loss = float(np.mean(losses))
+    if not math.isfinite(loss):
+      raise FloatingPointError(f'non-finite training loss at epoch {epoch}')
+    bar.update(1)
+    bar.set_postfix(loss=f'{loss:.4f}')
+    if epoch % config.eval_every and epoch != config.epochs:
+      continue
+    kw = dict(maxlen=config.maxlen, top_k=config.top_k, batch_size=config.eval_batch_size)
+    valid = evaluate(model, split, which='valid', **kw)
+    test = evaluate(model, split, which='test', **kw)
+    row = {'epoch': epoch, 'loss': loss, 'seconds': float(np.sum(epoch_seconds)),
+           **{f'valid/{k}': v for k, v in valid.items()}, **{f'test/{k}': v for k, v in test.items()}}
+    history.append(row)
+    if on_eval is not None:
+      on_eval(row)
+    key = f'hr@{config.top_k}'
+    if best is None or valid[key] > best[1][key]:
+      best = (epoch, valid, test, [w.copy() for w in model.get_weights()])
+  bar.close()
+  model.set_weights(best[3])
+  return SequentialResult(
+      model=model, best_epoch=best[0], valid=best[1], test=best[2], history=history,
+      seconds_per_epoch=float(np.median(epoch_seconds)),
+      num_parameters=int(sum(np.prod(v.shape) for v in model.trainable_variables)))
