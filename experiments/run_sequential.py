@@ -10,6 +10,8 @@ outside the user's history; the reported score is the test score at the
 evaluation with the best validation HR@10. `--size=paper` is Kang and
 McAuley's ML-1M setting (d=50, 2 blocks, 1 head, maxlen 200, dropout 0.2,
 Adam 0.001, batch 128); `--size=large` is d=256, 4 blocks, 4 heads.
+`--item_text=init|input` brings in all-MiniLM-L6-v2 embeddings of the items'
+catalog texts (tff_rec/training/item_text_features.py).
 
 Writes hparams.json, history.json (one row per evaluation) and result.json
 under --root_output_dir/--experiment_name.
@@ -28,7 +30,9 @@ from tff_rec import atomic
 from tff_rec.data import errors
 from tff_rec.data import sequences
 from tff_rec.models import sasrec
+from tff_rec.models import text_encoder
 from tff_rec.training import data_setup
+from tff_rec.training import item_text_features
 from tff_rec.training import run_dir as run_dir_lib
 from tff_rec.training import sequential
 
@@ -63,6 +67,11 @@ flags.DEFINE_integer('batch_size', 128, 'Sequences per step.')
 flags.DEFINE_integer('epochs', 200, 'Epochs of num_users // batch_size steps.')
 flags.DEFINE_integer('eval_every', 20, 'Evaluate every N epochs (and after the last).')
 flags.DEFINE_integer('top_k', 10, 'K of HR@K / NDCG@K.')
+flags.DEFINE_enum('item_text', 'none', list(sequential.ITEM_TEXT_MODES),
+                  'Language-model item features (all-MiniLM-L6-v2 over title, year, genres and, '
+                  'for ml-latest-small, tags): init = item table starts at their principal '
+                  'components; input = item vector is a free row plus a learned projection '
+                  '(gives untrained items a representation).')
 common_flags.define_output_flags('sequential')
 flags.DEFINE_bool('progress_bar', True, 'Show a progress bar.')
 
@@ -95,7 +104,7 @@ def _config() -> sequential.SequentialConfig:
         model=FLAGS.model, hparams=hparams, loss=FLAGS.loss, num_negatives=negatives,
         learning_rate=FLAGS.learning_rate, batch_size=FLAGS.batch_size, epochs=FLAGS.epochs,
         eval_every=FLAGS.eval_every, top_k=FLAGS.top_k, seed=FLAGS.seed,
-        progress_bar=FLAGS.progress_bar)
+        item_text=FLAGS.item_text, progress_bar=FLAGS.progress_bar)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
 
@@ -114,8 +123,14 @@ def main(argv: Sequence[str]) -> None:
         dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, cache_dir=FLAGS.cache_dir, seed=FLAGS.seed))
     split = sequences.split_sequences(ratings, seed=FLAGS.seed, num_negatives=FLAGS.eval_negatives,
                                       min_actions=FLAGS.min_actions or None)
+    features = None
+    if config.item_text != 'none':
+      features = item_text_features.text_features(
+          split, dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, cache_dir=FLAGS.cache_dir)
   except (errors.DataError, ValueError) as e:
     raise app.UsageError(f'--dataset/--data_dir: {e}') from e
+  except text_encoder.EncoderUnavailableError as e:
+    raise app.UsageError(f'--item_text={config.item_text}: {e}') from e
   os.makedirs(run_dir, exist_ok=True)
   with run_dir_lib.lock(run_dir):
     hparams = dict(dataset=FLAGS.dataset, min_actions=FLAGS.min_actions,
@@ -128,7 +143,7 @@ def main(argv: Sequence[str]) -> None:
       history.append(row)
       atomic.write_json(os.path.join(run_dir, 'history.json'), history)
 
-    result = sequential.train(config, split, on_eval=on_eval)
+    result = sequential.train(config, split, item_text_features=features, on_eval=on_eval)
     summary = dict(hparams, best_epoch=result.best_epoch, valid=result.valid, test=result.test,
                    seconds_per_epoch=result.seconds_per_epoch,
                    num_parameters=result.num_parameters)

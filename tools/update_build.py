@@ -41,6 +41,7 @@ THIRD_PARTY = {
     'portpicker': 'portpicker',
     'psutil': 'psutil',
     'pytest': 'pytest',
+    'safetensors': 'safetensors',
     'scipy': 'scipy',
     'tensorflow': 'tensorflow',
     'tensorflow_federated': 'tensorflow-federated',
@@ -48,6 +49,7 @@ THIRD_PARTY = {
     'tensorflow_privacy': 'tensorflow-privacy',
     'tensorflow_recommenders': 'tensorflow-recommenders',
     'tenseal': 'tenseal',
+    'tokenizers': 'tokenizers',
     'tensorflow_serving': 'tensorflow-serving-api',
     'tqdm': 'tqdm',
 }

@@ -55,5 +55,20 @@ def test_sasrec_on_ml100k(tmp_path):
   assert again.returncode == 2 and 'already holds a finished run' in again.stderr
 
 
+@pytest.mark.slow
+def test_language_model_item_features_on_ml_latest_small(tmp_path):
+  data_dir = os.path.dirname(shared_data.shared_file('ml-latest-small.zip'))
+  proc = _binary('--dataset=ml-latest-small', f'--data_dir={data_dir}', '--maxlen=20',
+                 '--hidden_units=16', '--epochs=1', '--item_text=input',
+                 f'--cache_dir={tmp_path / "cache"}', f'--root_output_dir={tmp_path}',
+                 '--experiment_name=lm', '--progress_bar=false')
+  assert proc.returncode == 0, proc.stderr
+  result = json.loads((tmp_path / 'lm' / 'result.json').read_text())
+  assert result['config']['item_text'] == 'input'
+  assert result['data']['items'] == 3650
+  # The encodings were cached, keyed by model and text checksum.
+  assert [p.name.startswith('all-MiniLM-L6-v2-') for p in (tmp_path / 'cache' / 'text_embeddings').iterdir()] == [True]
+
+
 if __name__ == '__main__':
   sys.exit(pytest.main([__file__, '-q']))

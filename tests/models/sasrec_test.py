@@ -112,3 +112,23 @@ def test_item_init_and_bad_arguments():
 
 if __name__ == '__main__':
   sys.exit(pytest.main([__file__, '-q']))
+
+
+def test_item_features_represent_items_that_were_never_trained():
+  features = np.random.default_rng(0).normal(size=(31, 12)).astype(np.float32)
+  features[0] = 0.0
+  model = _model(item_features=features)
+  # Free rows start at zero: an item's vector is its projected features.
+  projection = model.feature_projection.kernel.numpy()
+  np.testing.assert_allclose(model.item_table().numpy(), features @ projection, atol=1e-5)
+  seq = np.array([[0, 0, 1, 2, 3, 4, 5, 6]], np.int32)
+  np.testing.assert_allclose(model.score_candidates(seq, np.array([[7, 8]])).numpy(),
+                             model.score_all(seq).numpy()[:, [7, 8]], rtol=1e-5, atol=1e-5)
+  trainable = {v.name.split('/')[-1].split(':')[0] for v in model.trainable_variables}
+  assert 'item_features' not in trainable and 'kernel' in trainable
+  with pytest.raises(ValueError, match='item_features has shape'):
+    _model(item_features=features[1:])
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

@@ -135,3 +135,40 @@ def test_config_errors():
 
 if __name__ == '__main__':
   sys.exit(pytest.main([__file__, '-q']))
+
+
+def test_principal_init_is_a_fixed_projection_at_the_glorot_scale():
+  rng = np.random.default_rng(0)
+  features = np.concatenate([np.zeros((1, 12)), rng.normal(size=(40, 12))]).astype(np.float32)
+  table = sequential.principal_init(features, 4)
+  assert table.shape == (41, 4) and not table[0].any()
+  assert table[1:].std() == pytest.approx(np.sqrt(2.0 / 45), rel=1e-4)
+  # The leading components: variance decreases column by column.
+  variances = table[1:].var(axis=0)
+  assert np.all(np.diff(variances) <= 1e-9)
+  with pytest.raises(ValueError, match='principal components'):
+    sequential.principal_init(features, 13)
+
+
+def test_item_text_modes_use_the_features():
+  split = _cyclic_split(users=16)
+  features = np.random.default_rng(1).normal(size=(41, 8)).astype(np.float32)
+  hp = dict(maxlen=8, hidden_units=4, num_blocks=1, num_heads=1, dropout=0.0)
+  init = sequential.build_model(sequential.SequentialConfig(hparams=hp, item_text='init'), split,
+                                item_text_features=features)
+  np.testing.assert_allclose(init.item_embedding.embeddings.numpy(),
+                             sequential.principal_init(features, 4), atol=1e-6)
+  model = sequential.build_model(sequential.SequentialConfig(hparams=hp, item_text='input'), split,
+                                 item_text_features=features)
+  assert model.feature_dim == 8
+  with pytest.raises(ValueError, match='needs the items'):
+    sequential.build_model(sequential.SequentialConfig(hparams=hp, item_text='input'), split)
+  with pytest.raises(ValueError, match='expected 41'):
+    sequential.build_model(sequential.SequentialConfig(hparams=hp, item_text='input'), split,
+                           item_text_features=features[:5])
+  with pytest.raises(ValueError, match='unknown item_text'):
+    sequential.SequentialConfig(item_text='bert')
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

@@ -98,11 +98,12 @@ def sequential_hparam_names(name: str) -> tuple[str, ...]:
     raise ValueError(f'unknown sequential model {name!r}; valid: {", ".join(SEQUENTIAL_MODEL_NAMES)}')
   params = inspect.signature(_SEQUENTIAL_BUILDERS[name]).parameters
   return tuple(p for p, v in params.items()
-               if v.kind == inspect.Parameter.KEYWORD_ONLY and p not in ('seed', 'item_init'))
+               if v.kind == inspect.Parameter.KEYWORD_ONLY
+               and p not in ('seed', 'item_init', 'item_features'))
 
 
 def build_sequential_model(name: str, num_items: int, *, seed: int = 0, item_init: Any = None,
-                           **hparams: Any) -> Any:
+                           item_features: Any = None, **hparams: Any) -> Any:
   """Builds the sequential model `name` (e.g. `sasrec.SASRec`) with its variables.
 
   Args:
@@ -110,6 +111,7 @@ def build_sequential_model(name: str, num_items: int, *, seed: int = 0, item_ini
     num_items: Items (ids 1..num_items; 0 pads).
     seed: Initializer seed.
     item_init: Optional initial item table `[num_items + 1, d]`.
+    item_features: Optional fixed item features `[num_items + 1, F]`.
     **hparams: The builder's hyperparameters (`sequential_hparam_names(name)`).
 
   Returns:
@@ -123,4 +125,5 @@ def build_sequential_model(name: str, num_items: int, *, seed: int = 0, item_ini
   if unknown:
     raise ValueError(f'model {name!r} has no hyperparameter(s) {", ".join(unknown)}; '
                      f'valid: {", ".join(valid)}')
-  return _SEQUENTIAL_BUILDERS[name](num_items, seed=seed, item_init=item_init, **hparams)
+  return _SEQUENTIAL_BUILDERS[name](num_items, seed=seed, item_init=item_init,
+                                    item_features=item_features, **hparams)

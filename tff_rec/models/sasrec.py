@@ -71,7 +71,8 @@ class SASRec(tf.keras.Model):
 
   def __init__(self, num_items: int, *, maxlen: int = 200, hidden_units: int = 50,
                num_blocks: int = 2, num_heads: int = 1, dropout: float = 0.2,
-               positional: bool = True, seed: int = 0, name: str = 'sasrec'):
+               positional: bool = True, item_features: Optional[np.ndarray] = None,
+               seed: int = 0, name: str = 'sasrec'):
     super().__init__(name=name)
     for what, value in (('num_items', num_items), ('maxlen', maxlen),
                         ('hidden_units', hidden_units), ('num_blocks', num_blocks),
@@ -84,9 +85,27 @@ class SASRec(tf.keras.Model):
     self.maxlen = maxlen
     self.hidden_units = hidden_units
     self.positional = positional
+    # With item features (e.g. language-model text embeddings), an item's vector is
+    # `item_embedding[i] + features[i] @ W`: the free rows start at zero, so an item
+    # that is never trained on (a cold item) is represented by its text alone.
+    self.feature_dim = None
+    if item_features is not None:
+      item_features = np.asarray(item_features, np.float32)
+      if item_features.ndim != 2 or item_features.shape[0] != num_items + 1:
+        raise ValueError(f'sasrec: item_features has shape {item_features.shape}, expected '
+                         f'[{num_items + 1}, F] (row 0 is padding)')
+      if not np.all(np.isfinite(item_features)):
+        raise ValueError('sasrec: item_features has non-finite values')
+      self.feature_dim = item_features.shape[1]
+      self.item_features = tf.Variable(item_features, trainable=False, name='item_features')
+      self.feature_projection = tf.keras.layers.Dense(
+          hidden_units, use_bias=False, name='feature_projection',
+          kernel_initializer=tf.keras.initializers.GlorotUniform(seed=seed + 99))
     self.item_embedding = tf.keras.layers.Embedding(
         num_items + 1, hidden_units,
-        embeddings_initializer=tf.keras.initializers.GlorotUniform(seed=seed), name='item_embedding')
+        embeddings_initializer=('zeros' if item_features is not None else
+                                tf.keras.initializers.GlorotUniform(seed=seed)),
+        name='item_embedding')
     self.position_embedding = tf.keras.layers.Embedding(
         maxlen, hidden_units, embeddings_initializer=tf.keras.initializers.GlorotUniform(seed=seed + 1),
         name='position_embedding') if positional else None
@@ -95,12 +114,26 @@ class SASRec(tf.keras.Model):
                                       name=f'block_{i}') for i in range(num_blocks)]
     self.final_norm = tf.keras.layers.LayerNormalization(epsilon=_LN_EPSILON, name='final_norm')
 
+  def item_vectors(self, items):
+    """The vectors `[..., d]` of item ids (the rows candidates are scored with)."""
+    vectors = self.item_embedding(items)
+    if self.feature_dim is not None:
+      vectors += self.feature_projection(tf.gather(self.item_features, items))
+    return vectors
+
+  def item_table(self):
+    """Every item's vector, `[num_items + 1, d]` (row 0 is padding)."""
+    table = tf.convert_to_tensor(self.item_embedding.embeddings)
+    if self.feature_dim is not None:
+      table = table + self.feature_projection(self.item_features)
+    return table
+
   def call(self, seq, training=False):
     seq = tf.convert_to_tensor(seq, tf.int32)
     length = tf.shape(seq)[1]
     present = tf.not_equal(seq, 0)
     mask = tf.cast(present, tf.float32)[..., None]
-    x = self.item_embedding(seq) * math.sqrt(self.hidden_units)
+    x = self.item_vectors(seq) * math.sqrt(self.hidden_units)
     if self.position_embedding is not None:
       x += self.position_embedding(tf.range(length))[None]
     x = self.input_dropout(x, training=training) * mask
@@ -117,12 +150,12 @@ class SASRec(tf.keras.Model):
   def score_candidates(self, seq, candidates, training=False):
     """Scores `[B, C]` of candidate items `int32 [B, C]` after each window."""
     h = self.last_state(seq, training=training)
-    return tf.einsum('bd,bcd->bc', h, self.item_embedding(candidates))
+    return tf.einsum('bd,bcd->bc', h, self.item_vectors(candidates))
 
   def score_all(self, seq, training=False):
     """Scores `[B, num_items + 1]` of every item id (column 0 is padding)."""
     h = self.last_state(seq, training=training)
-    return tf.matmul(h, self.item_embedding.embeddings, transpose_b=True)
+    return tf.matmul(h, self.item_table(), transpose_b=True)
 
   def build_for_inputs(self) -> 'SASRec':
     """Creates the variables (a call on one all-padding window)."""
@@ -149,13 +182,13 @@ def sequence_loss(model: SASRec, seq, positives, negatives, *, loss: str = 'bce'
     raise ValueError(f'unknown loss {loss!r}; valid: {", ".join(LOSSES)}')
   h = model(seq, training=training)
   target = tf.cast(tf.not_equal(positives, 0), tf.float32)
-  pos_logits = tf.reduce_sum(h * model.item_embedding(positives), -1)
+  pos_logits = tf.reduce_sum(h * model.item_vectors(positives), -1)
   if loss == 'bce':
-    neg_logits = tf.reduce_sum(h * model.item_embedding(negatives), -1)
+    neg_logits = tf.reduce_sum(h * model.item_vectors(negatives), -1)
     per_position = (tf.nn.sigmoid_cross_entropy_with_logits(tf.ones_like(pos_logits), pos_logits) +
                     tf.nn.sigmoid_cross_entropy_with_logits(tf.zeros_like(neg_logits), neg_logits))
   else:
-    neg_logits = tf.einsum('btd,btkd->btk', h, model.item_embedding(negatives))
+    neg_logits = tf.einsum('btd,btkd->btk', h, model.item_vectors(negatives))
     logits = tf.concat([pos_logits[..., None], neg_logits], axis=-1)
     per_position = tf.nn.sparse_softmax_cross_entropy_with_logits(
         tf.zeros_like(positives), logits)
@@ -165,7 +198,8 @@ def sequence_loss(model: SASRec, seq, positives, negatives, *, loss: str = 'bce'
 def build_sasrec(num_items: int, *, maxlen: int = 200, hidden_units: int = 50,
                  num_blocks: int = 2, num_heads: int = 1, dropout: float = 0.2,
                  positional: bool = True, seed: int = 0,
-                 item_init: Optional[np.ndarray] = None) -> SASRec:
+                 item_init: Optional[np.ndarray] = None,
+                 item_features: Optional[np.ndarray] = None) -> SASRec:
   """Builds SASRec with its variables created.
 
   Args:
@@ -178,12 +212,16 @@ def build_sasrec(num_items: int, *, maxlen: int = 200, hidden_units: int = 50,
     positional: Add the learned positional embedding.
     seed: Initializer seed.
     item_init: Optional initial item table `[num_items + 1, d]` (row 0 unused).
+    item_features: Optional fixed item features `[num_items + 1, F]` (row 0
+      padding), e.g. text embeddings: an item's vector becomes a free row
+      (starting at zero) plus a learned projection of its features.
 
   Returns:
     The built `SASRec`.
   """
   model = SASRec(num_items, maxlen=maxlen, hidden_units=hidden_units, num_blocks=num_blocks,
-                 num_heads=num_heads, dropout=dropout, positional=positional, seed=seed)
+                 num_heads=num_heads, dropout=dropout, positional=positional,
+                 item_features=item_features, seed=seed)
   model.build_for_inputs()
   if item_init is not None:
     item_init = np.asarray(item_init, np.float32)

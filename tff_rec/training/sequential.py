@@ -36,6 +36,9 @@ from tff_rec.models import registry
 from tff_rec.models import sasrec
 
 
+ITEM_TEXT_MODES = ('none', 'init', 'input')
+
+
 @dataclasses.dataclass(frozen=True)
 class SequentialConfig:
   """A central sequential-recommendation run; defaults are SASRec's ML-1M setting.
@@ -54,6 +57,11 @@ class SequentialConfig:
     top_k: K of HR@K and NDCG@K.
     eval_batch_size: Users per evaluation batch.
     seed: Seed of initialization, sampling and dropout.
+    item_text: How language-model text features of the items are used:
+      'none'; 'init' (the item table starts at their top principal
+      components, a fixed projection); 'input' (an item's vector is a free
+      row, starting at zero, plus a learned projection of its features, so
+      untrained items keep a representation).
     progress_bar: Show a progress bar over epochs.
   """
 
@@ -70,9 +78,12 @@ class SequentialConfig:
   top_k: int = 10
   eval_batch_size: int = 256
   seed: int = 0
+  item_text: str = 'none'
   progress_bar: bool = True
 
   def __post_init__(self):
+    if self.item_text not in ITEM_TEXT_MODES:
+      raise ValueError(f'unknown item_text {self.item_text!r}; valid: {", ".join(ITEM_TEXT_MODES)}')
     if self.loss not in sasrec.LOSSES:
       raise ValueError(f'unknown loss {self.loss!r}; valid: {", ".join(sasrec.LOSSES)}')
     for what in ('num_negatives', 'batch_size', 'epochs', 'eval_every', 'top_k', 'eval_batch_size'):
@@ -222,31 +233,70 @@ class SequentialResult:
   num_parameters: int
 
 
+def principal_init(features: np.ndarray, dim: int) -> np.ndarray:
+  """An item table `[N + 1, dim]` from features `[N + 1, F]`: their top principal components.
+
+  Rows 1..N are centred and projected on their `dim` leading principal
+  directions (a fixed projection), then scaled to the standard deviation of
+  the Glorot-uniform table they replace; row 0 (padding) stays zero.
+
+  Args:
+    features: Item features, row 0 padding.
+    dim: The table's width d (at most F).
+
+  Returns:
+    float32 `[N + 1, dim]`.
+  """
+  rows = np.asarray(features[1:], np.float64)
+  if dim > rows.shape[1]:
+    raise ValueError(f'cannot take {dim} principal components of {rows.shape[1]}-d features')
+  centred = rows - rows.mean(axis=0)
+  _, _, vt = np.linalg.svd(centred, full_matrices=False)
+  projected = centred @ vt[:dim].T
+  target_std = math.sqrt(2.0 / (features.shape[0] + dim))
+  projected *= target_std / max(float(projected.std()), 1e-12)
+  return np.concatenate([np.zeros((1, dim)), projected]).astype(np.float32)
+
+
 def build_model(config: SequentialConfig, split: sequences.SequenceSplit, *,
-                item_init: Optional[np.ndarray] = None) -> sasrec.SASRec:
+                item_text_features: Optional[np.ndarray] = None) -> sasrec.SASRec:
   """The config's model over the split's items.
 
   Args:
     config: The run's configuration.
     split: The split (its item count).
-    item_init: Optional initial item table `[num_items + 1, d]`.
+    item_text_features: `[num_items + 1, F]` text features of the items
+      (row 0 padding); required unless `config.item_text == 'none'`.
 
   Returns:
     The built model.
   """
+  kwargs = {}
+  if config.item_text != 'none':
+    if item_text_features is None:
+      raise ValueError(f'item_text={config.item_text!r} needs the items\' text features')
+    if item_text_features.shape[0] != split.num_items + 1:
+      raise ValueError(f'item_text_features has {item_text_features.shape[0]} rows, expected '
+                       f'{split.num_items + 1} (row 0 is padding)')
+    if config.item_text == 'init':
+      kwargs['item_init'] = principal_init(item_text_features,
+                                           int(config.hparams.get('hidden_units', 50)))
+    else:
+      kwargs['item_features'] = item_text_features
   return registry.build_sequential_model(config.model, split.num_items, seed=config.seed,
-                                         item_init=item_init, **config.hparams)
+                                         **kwargs, **config.hparams)
 
 
 def train(config: SequentialConfig, split: sequences.SequenceSplit, *,
-          item_init: Optional[np.ndarray] = None,
+          item_text_features: Optional[np.ndarray] = None,
           on_eval: Optional[Callable[[dict], Any]] = None) -> SequentialResult:
   """Trains centrally and reports the test metrics at the best validation HR@K.
 
   Args:
     config: The run's configuration.
     split: Sequences with held-out items.
-    item_init: Optional initial item table `[num_items + 1, d]`.
+    item_text_features: `[num_items + 1, F]` text features of the items
+      (row 0 padding), used as `config.item_text` says.
     on_eval: Called with each history row as it is made.
 
   Returns:
@@ -256,7 +306,7 @@ def train(config: SequentialConfig, split: sequences.SequenceSplit, *,
     FloatingPointError: The loss or a score became non-finite.
   """
   tf.keras.utils.set_random_seed(config.seed)
-  model = build_model(config, split, item_init=item_init)
+  model = build_model(config, split, item_text_features=item_text_features)
   optimizer = tf.keras.optimizers.Adam(config.learning_rate, beta_2=config.beta_2)
   sampler = TrainingSampler(split, config.maxlen, num_negatives=config.num_negatives,
                             seed=config.seed)
