@@ -50,6 +50,9 @@ flags.DEFINE_string('cache_dir', None, 'Download cache (default ~/.cache/tff_rec
 flags.DEFINE_integer('min_actions', sequences.MIN_ACTIONS,
                      'Drop users and items with fewer actions (0 keeps all).')
 flags.DEFINE_integer('eval_negatives', sequences.EVAL_NEGATIVES, 'Sampled negatives per held-out item.')
+flags.DEFINE_float('cold_items', 0.0, 'Hold this share of the items out of training entirely '
+                   '(cold start); result.json then reports the test users whose test item is '
+                   'cold and warm separately.')
 flags.DEFINE_enum('model', 'sasrec', ['sasrec'], 'Sequential model.')
 flags.DEFINE_enum('size', 'paper', list(SIZES), 'paper: d=50, 2 blocks, 1 head; large: d=256, '
                   '4 blocks, 4 heads (each overridable below).')
@@ -82,6 +85,8 @@ def _config() -> sequential.SequentialConfig:
     common_flags._positive(name)  # pylint: disable=protected-access
   for name in ('hidden_units', 'num_blocks', 'num_heads', 'num_negatives'):
     common_flags._positive(name, allow_none=True)  # pylint: disable=protected-access
+  if not 0.0 <= FLAGS.cold_items < 1.0:
+    raise app.UsageError(f'--cold_items must be in [0, 1), got {FLAGS.cold_items}')
   if FLAGS.min_actions < 0:
     raise app.UsageError(f'--min_actions must be >= 0, got {FLAGS.min_actions}')
   if FLAGS.loss == 'bce' and FLAGS.num_negatives not in (None, 1):
@@ -123,6 +128,8 @@ def main(argv: Sequence[str]) -> None:
         dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, cache_dir=FLAGS.cache_dir, seed=FLAGS.seed))
     split = sequences.split_sequences(ratings, seed=FLAGS.seed, num_negatives=FLAGS.eval_negatives,
                                       min_actions=FLAGS.min_actions or None)
+    if FLAGS.cold_items > 0:
+      split = sequences.hold_out_items(split, fraction=FLAGS.cold_items, seed=FLAGS.seed)
     features = None
     if config.item_text != 'none':
       features = item_text_features.text_features(
@@ -134,6 +141,7 @@ def main(argv: Sequence[str]) -> None:
   os.makedirs(run_dir, exist_ok=True)
   with run_dir_lib.lock(run_dir):
     hparams = dict(dataset=FLAGS.dataset, min_actions=FLAGS.min_actions,
+                   cold_items=FLAGS.cold_items, num_cold_items=int(split.cold_items.size),
                    eval_negatives=FLAGS.eval_negatives, size=FLAGS.size,
                    config=sequential.config_dict(config), data=split.summary())
     atomic.write_json(os.path.join(run_dir, 'hparams.json'), hparams)
@@ -147,11 +155,18 @@ def main(argv: Sequence[str]) -> None:
     summary = dict(hparams, best_epoch=result.best_epoch, valid=result.valid, test=result.test,
                    seconds_per_epoch=result.seconds_per_epoch,
                    num_parameters=result.num_parameters)
+    if result.test_cold is not None:
+      summary.update(test_cold=result.test_cold, test_warm=result.test_warm)
     atomic.write_json(os.path.join(run_dir, 'result.json'), summary)
   k = config.top_k
   print(f'{run_dir}: best epoch {result.best_epoch} by val HR@{k}: test HR@{k} '
         f'{result.test[f"hr@{k}"]:.4f}, NDCG@{k} {result.test[f"ndcg@{k}"]:.4f} (sampled); '
         f'{result.test[f"full_hr@{k}"]:.4f} / {result.test[f"full_ndcg@{k}"]:.4f} (full ranking)')
+  if result.test_cold is not None:
+    print(f'  cold test items ({result.test_cold["users"]} users): HR@{k} '
+          f'{result.test_cold[f"hr@{k}"]:.4f}, NDCG@{k} {result.test_cold[f"ndcg@{k}"]:.4f}; warm '
+          f'({result.test_warm["users"]} users): {result.test_warm[f"hr@{k}"]:.4f} / '
+          f'{result.test_warm[f"ndcg@{k}"]:.4f}')
 
 
 if __name__ == '__main__':

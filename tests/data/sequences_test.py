@@ -114,3 +114,22 @@ def test_real_movielens(name, users, items):
 
 if __name__ == '__main__':
   sys.exit(pytest.main([__file__, '-q']))
+
+
+def test_hold_out_items_removes_them_from_training_only():
+  split = sequences.split_sequences(_random_ratings(), num_negatives=5)
+  cold = sequences.hold_out_items(split, fraction=0.25, seed=2)
+  assert cold.cold_items.size == round(0.25 * split.num_items)
+  for before, after in zip(split.train, cold.train):
+    assert not np.isin(after, cold.cold_items).any()
+    assert after.tolist() == [i for i in before.tolist() if i not in set(cold.cold_items.tolist())]
+  np.testing.assert_array_equal(cold.test, split.test)
+  np.testing.assert_array_equal(cold.test_negatives, split.test_negatives)
+  is_cold = np.isin(cold.test, cold.cold_items)
+  assert set(cold.users_by_test_item(cold=True)) == set(np.flatnonzero(is_cold & (cold.test > 0)))
+  assert set(cold.users_by_test_item(cold=False)) | set(cold.users_by_test_item(cold=True)) == set(
+      cold.evaluated_users)
+  with pytest.raises(ValueError, match='already has'):
+    sequences.hold_out_items(cold)
+  with pytest.raises(ValueError, match='fraction'):
+    sequences.hold_out_items(split, fraction=1.0)

@@ -172,3 +172,17 @@ def test_item_text_modes_use_the_features():
 
 if __name__ == '__main__':
   sys.exit(pytest.main([__file__, '-q']))
+
+
+def test_cold_items_are_never_negatives_and_are_reported_apart():
+  split = sequences.hold_out_items(_cyclic_split(users=64), fraction=0.2, seed=0)
+  sampler = sequential.TrainingSampler(split, 8, num_negatives=4, seed=0)
+  for _ in range(20):
+    _, _, neg = sampler.batch(32)
+    assert not np.isin(neg, split.cold_items).any()
+  config = sequential.SequentialConfig(
+      hparams=dict(maxlen=8, hidden_units=8, num_blocks=1, num_heads=1, dropout=0.0),
+      batch_size=32, epochs=2, eval_every=2, progress_bar=False)
+  result = sequential.train(config, split)
+  assert result.test_cold['users'] + result.test_warm['users'] == result.test['users']
+  assert result.test_cold['users'] == split.users_by_test_item(cold=True).size > 0

@@ -52,6 +52,8 @@ class SequenceSplit:
     item_index: Raw item ids: item id k is `item_index.raw_ids[k - 1]`.
     user_index: Raw user ids, one per row.
     name: The data set's name.
+    cold_items: Sorted item ids held out of training entirely (`hold_out_items`):
+      absent from every training sequence and never a training negative.
   """
 
   train: list
@@ -62,6 +64,7 @@ class SequenceSplit:
   item_index: ratings_lib.IdIndex
   user_index: ratings_lib.IdIndex
   name: str = 'sequences'
+  cold_items: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
 
   @property
   def num_users(self) -> int:
@@ -76,6 +79,11 @@ class SequenceSplit:
   def evaluated_users(self) -> np.ndarray:
     """Users with a validation and a test item (those that are ranked)."""
     return np.flatnonzero(self.test > 0)
+
+  def users_by_test_item(self, *, cold: bool) -> np.ndarray:
+    """Evaluated users whose test item is (or is not) a cold item."""
+    users = self.evaluated_users
+    return users[np.isin(self.test[users], self.cold_items) == cold]
 
   def history(self, user: int, *, for_test: bool) -> np.ndarray:
     """The sequence a held-out item is ranked after: train, plus valid for test."""
@@ -170,6 +178,34 @@ def split_sequences(ratings: ratings_lib.Ratings, *, seed: int = 0,
   return SequenceSplit(train=train, valid=valid, test=test, valid_negatives=valid_neg,
                        test_negatives=test_neg, item_index=r.item_index,
                        user_index=r.user_index, name=r.name)
+
+
+def hold_out_items(split: SequenceSplit, *, fraction: float = 0.1, seed: int = 0) -> SequenceSplit:
+  """Holds a random `fraction` of the items out of training entirely (cold-start items).
+
+  The chosen items are removed from every training sequence (as inputs and
+  as targets) and recorded in `cold_items`, which training negatives avoid.
+  Validation and test items, histories at evaluation time and the
+  evaluation negatives are unchanged, so the test items that are cold
+  measure how well a model ranks items it has never been trained on.
+
+  Args:
+    split: The split.
+    fraction: Share of items to hold out, in (0, 1).
+    seed: Seed of the choice.
+
+  Returns:
+    A new split with `cold_items` set.
+  """
+  if not 0.0 < fraction < 1.0:
+    raise ValueError(f'fraction must be in (0, 1), got {fraction}')
+  if split.cold_items.size:
+    raise ValueError(f'{split.name} already has {split.cold_items.size} cold items')
+  rng = np.random.default_rng([seed, 0xC01D])
+  count = max(1, int(round(fraction * split.num_items)))
+  cold = np.sort(rng.choice(np.arange(1, split.num_items + 1), size=count, replace=False)).astype(np.int32)
+  train = [s[~np.isin(s, cold)].astype(np.int32) for s in split.train]
+  return dataclasses.replace(split, train=train, cold_items=cold)
 
 
 def left_padded(seq: np.ndarray, maxlen: int) -> np.ndarray:

@@ -124,6 +124,8 @@ class TrainingSampler:
     keys = [u * width + np.unique(s).astype(np.int64) for u, s in enumerate(split.train) if len(s)]
     self._keys = np.sort(np.concatenate(keys)) if keys else np.zeros(0, np.int64)
     self._width = width
+    # Cold items (held out of training) are never negatives either.
+    self._cold = split.cold_items.astype(np.int64)
 
   @property
   def trainable_users(self) -> int:
@@ -137,6 +139,8 @@ class TrainingSampler:
       keys = users[todo] * self._width + out[todo]
       pos = np.minimum(np.searchsorted(self._keys, keys), self._keys.size - 1)
       clash = self._keys[pos] == keys
+      if self._cold.size:
+        clash |= np.isin(out[todo], self._cold)
       idx = np.flatnonzero(todo)
       todo[:] = False
       todo.flat[idx[clash]] = True
@@ -222,6 +226,9 @@ class SequentialResult:
     history: One row per evaluation: epoch, loss, seconds, valid/* and test/*.
     seconds_per_epoch: Median training seconds per epoch.
     num_parameters: Trainable parameters.
+    test_cold: With cold items: test metrics at `best_epoch` of the users
+      whose test item is cold, else None.
+    test_warm: Likewise for the users whose test item is warm.
   """
 
   model: sasrec.SASRec
@@ -231,6 +238,8 @@ class SequentialResult:
   history: list
   seconds_per_epoch: float
   num_parameters: int
+  test_cold: Optional[dict] = None
+  test_warm: Optional[dict] = None
 
 
 def principal_init(features: np.ndarray, dim: int) -> np.ndarray:
@@ -323,6 +332,7 @@ def train(config: SequentialConfig, split: sequences.SequenceSplit, *,
     return loss
 
   steps = max(1, split.num_users // config.batch_size)
+  kw = dict(maxlen=config.maxlen, top_k=config.top_k, batch_size=config.eval_batch_size)
   history, epoch_seconds = [], []
   best = None
   bar = tqdm.trange(config.epochs, desc=config.model, unit='epoch', disable=not config.progress_bar)
@@ -337,7 +347,6 @@ def train(config: SequentialConfig, split: sequences.SequenceSplit, *,
     bar.set_postfix(loss=f'{loss:.4f}')
     if epoch % config.eval_every and epoch != config.epochs:
       continue
-    kw = dict(maxlen=config.maxlen, top_k=config.top_k, batch_size=config.eval_batch_size)
     valid = evaluate(model, split, which='valid', **kw)
     test = evaluate(model, split, which='test', **kw)
     row = {'epoch': epoch, 'loss': loss, 'seconds': float(np.sum(epoch_seconds)),
@@ -350,7 +359,14 @@ def train(config: SequentialConfig, split: sequences.SequenceSplit, *,
       best = (epoch, valid, test, [w.copy() for w in model.get_weights()])
   bar.close()
   model.set_weights(best[3])
+  by_item = {}
+  if split.cold_items.size:
+    for cold in (True, False):
+      users = split.users_by_test_item(cold=cold)
+      if users.size:
+        by_item[cold] = evaluate(model, split, which='test', users=users, **kw)
   return SequentialResult(
       model=model, best_epoch=best[0], valid=best[1], test=best[2], history=history,
       seconds_per_epoch=float(np.median(epoch_seconds)),
-      num_parameters=int(sum(np.prod(v.shape) for v in model.trainable_variables)))
+      num_parameters=int(sum(np.prod(v.shape) for v in model.trainable_variables)),
+      test_cold=by_item.get(True), test_warm=by_item.get(False))
