@@ -1,7 +1,9 @@
-"""Central sequential recommendation (SASRec) with the SASRec evaluation protocol.
+"""Sequential recommendation (SASRec), central or federated, with the SASRec evaluation protocol.
 
   python -m experiments.run_sequential --dataset=ml-1m --data_dir=../shared/data \\
       [--size=paper|large] [--epochs=200]
+  python -m experiments.run_sequential --training=fedavg --rounds=300 \\
+      --clients_per_round=256 [--dp=gaussian_fixed --target_epsilon=8 --dp_clip=0.1]
 
 Each user's ratings in time order; the last is the test item, the second to
 last the validation item (tff_rec/data/sequences.py). Each held-out item is
@@ -13,12 +15,21 @@ Adam 0.001, batch 128); `--size=large` is d=256, 4 blocks, 4 heads.
 `--item_text=init|input` brings in all-MiniLM-L6-v2 embeddings of the items'
 catalog texts (tff_rec/training/item_text_features.py).
 
+`--training=fedavg` trains with one client per user: a user's sequence never
+leaves the device; each round samples --clients_per_round users uniformly
+without replacement, each takes --local_steps SGD steps on its own window,
+and the server applies the mean weight delta with its optimizer
+(tff_rec/training/sequential_fedavg.py). `--dp=...` (flags of
+experiments/dp_flags.py) replaces that mean with TF Privacy's clipped,
+noised mean over users; the accountant's ε is in history.json and result.json.
+
 Writes hparams.json, history.json (one row per evaluation) and result.json
 under --root_output_dir/--experiment_name.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Sequence
 
@@ -26,6 +37,10 @@ from absl import app
 from absl import flags
 
 from experiments import common_flags
+from experiments import dp_flags
+from privacy import accounting
+from privacy import federated_dp
+from tff_rec import runtime
 from tff_rec import atomic
 from tff_rec.data import errors
 from tff_rec.data import sequences
@@ -35,6 +50,7 @@ from tff_rec.training import data_setup
 from tff_rec.training import item_text_features
 from tff_rec.training import run_dir as run_dir_lib
 from tff_rec.training import sequential
+from tff_rec.training import sequential_fedavg
 
 FLAGS = flags.FLAGS
 
@@ -75,6 +91,18 @@ flags.DEFINE_enum('item_text', 'none', list(sequential.ITEM_TEXT_MODES),
                   'for ml-latest-small, tags): init = item table starts at their principal '
                   'components; input = item vector is a free row plus a learned projection '
                   '(gives untrained items a representation).')
+flags.DEFINE_enum('training', 'central', ['central', 'fedavg'], 'Central training, or FedAvg '
+                  'with one client per user.')
+_FED = sequential_fedavg.FedSequentialConfig()
+flags.DEFINE_integer('rounds', _FED.rounds, 'fedavg: rounds.')
+flags.DEFINE_integer('clients_per_round', _FED.clients_per_round, 'fedavg: users per round.')
+flags.DEFINE_integer('local_steps', _FED.local_steps, 'fedavg: client SGD steps per round.')
+flags.DEFINE_float('client_learning_rate', _FED.client_learning_rate, 'fedavg: client SGD rate.')
+flags.DEFINE_enum('server_optimizer', _FED.server_optimizer, ['adam', 'sgd'], 'fedavg: server '
+                  'optimizer.')
+flags.DEFINE_float('server_learning_rate', _FED.server_learning_rate, 'fedavg: server rate.')
+flags.DEFINE_integer('eval_every_rounds', _FED.eval_every, 'fedavg: evaluate every N rounds.')
+dp_flags.define_dp_flags()
 common_flags.define_output_flags('sequential')
 flags.DEFINE_bool('progress_bar', True, 'Show a progress bar.')
 
@@ -114,10 +142,58 @@ def _config() -> sequential.SequentialConfig:
     raise app.UsageError(str(e)) from e
 
 
+_FED_FLAGS = ('rounds', 'clients_per_round', 'local_steps', 'client_learning_rate',
+              'server_optimizer', 'server_learning_rate', 'eval_every_rounds')
+
+
+def _fed_config(central: sequential.SequentialConfig) -> sequential_fedavg.FedSequentialConfig:
+  """The federated configuration; UsageError names the flag."""
+  if FLAGS.training == 'central':
+    given = [n for n in _FED_FLAGS if FLAGS[n].present]
+    if given or FLAGS.dp != 'none':
+      raise app.UsageError(f'--{given[0] if given else "dp"} needs --training=fedavg')
+    return None
+  for name in ('rounds', 'clients_per_round', 'local_steps', 'eval_every_rounds'):
+    common_flags._positive(name)  # pylint: disable=protected-access
+  for name in ('client_learning_rate', 'server_learning_rate'):
+    if not FLAGS[name].value > 0:
+      raise app.UsageError(f'--{name} must be > 0, got {FLAGS[name].value}')
+  for name in ('epochs', 'eval_every', 'batch_size', 'learning_rate'):
+    if FLAGS[name].present:
+      raise app.UsageError(f'--{name} is a flag of --training=central')
+  if FLAGS.secure_aggregation != 'none':
+    raise app.UsageError(f'--secure_aggregation={FLAGS.secure_aggregation} is not available in '
+                         'run_sequential')
+  return sequential_fedavg.FedSequentialConfig(
+      central=central, rounds=FLAGS.rounds, clients_per_round=FLAGS.clients_per_round,
+      local_steps=FLAGS.local_steps, client_learning_rate=FLAGS.client_learning_rate,
+      server_optimizer=FLAGS.server_optimizer, server_learning_rate=FLAGS.server_learning_rate,
+      eval_every=FLAGS.eval_every_rounds)
+
+
+def _dp_setup(fed: sequential_fedavg.FedSequentialConfig, population: int):
+  """The DP aggregator and accountant; UsageError naming the flag if refused."""
+  dp_config = dp_flags.dp_config_from_flags()
+  try:
+    return federated_dp.prepare_personalized_dp(
+        dp_config, clients_per_round=fed.clients_per_round, population=population,
+        total_rounds=fed.rounds)
+  except accounting.BudgetExceededError as e:
+    raise app.UsageError(f'--target_epsilon={dp_config.target_epsilon} with --rounds={fed.rounds}: '
+                         f'{e}') from e
+  except ValueError as e:
+    message = str(e)
+    raise app.UsageError(message if message.startswith('--') else
+                         f'--dp={dp_config.mode}: {message}') from e
+
+
 def main(argv: Sequence[str]) -> None:
   del argv
   common_flags.quiet_logging()
   config = _config()
+  fed = _fed_config(config)
+  if fed is not None:
+    dp_flags.dp_config_from_flags()  # Flag errors before any work.
   common_flags.check_output_dir(FLAGS.root_output_dir, FLAGS.experiment_name)
   run_dir = os.path.join(FLAGS.root_output_dir, FLAGS.experiment_name)
   if os.path.exists(os.path.join(run_dir, 'result.json')):
@@ -138,31 +214,56 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f'--dataset/--data_dir: {e}') from e
   except text_encoder.EncoderUnavailableError as e:
     raise app.UsageError(f'--item_text={config.item_text}: {e}') from e
+  dp = None
+  if fed is not None:
+    dp = _dp_setup(fed, sequential.TrainingSampler(split, config.maxlen).trainable_users)
+    if dp.total_rounds < fed.rounds:
+      fed = dataclasses.replace(fed, rounds=dp.total_rounds)
+    if dp.needs_secure_context:
+      runtime.set_local_context(secure_intrinsics=True)
+    else:
+      runtime.ensure_context()
   os.makedirs(run_dir, exist_ok=True)
   with run_dir_lib.lock(run_dir):
     hparams = dict(dataset=FLAGS.dataset, min_actions=FLAGS.min_actions,
                    cold_items=FLAGS.cold_items, num_cold_items=int(split.cold_items.size),
-                   eval_negatives=FLAGS.eval_negatives, size=FLAGS.size,
+                   eval_negatives=FLAGS.eval_negatives, size=FLAGS.size, training=FLAGS.training,
                    config=sequential.config_dict(config), data=split.summary())
+    if fed is not None:
+      hparams['federated'] = {f.name: getattr(fed, f.name) for f in dataclasses.fields(fed)
+                              if f.name != 'central'}
+      hparams['dp'] = dp.report() if dp.enabled else 'none (weighted mean)'
     atomic.write_json(os.path.join(run_dir, 'hparams.json'), hparams)
     history = []
 
     def on_eval(row):
+      if dp is not None and dp.enabled:
+        row['dp/epsilon'] = dp.epsilon_after(row['round'])
       history.append(row)
       atomic.write_json(os.path.join(run_dir, 'history.json'), history)
 
-    result = sequential.train(config, split, item_text_features=features, on_eval=on_eval)
-    summary = dict(hparams, best_epoch=result.best_epoch, valid=result.valid, test=result.test,
-                   seconds_per_epoch=result.seconds_per_epoch,
-                   num_parameters=result.num_parameters)
-    if result.test_cold is not None:
-      summary.update(test_cold=result.test_cold, test_warm=result.test_warm)
+    if fed is None:
+      result = sequential.train(config, split, item_text_features=features, on_eval=on_eval)
+      when = ('best_epoch', result.best_epoch)
+      summary = dict(hparams, best_epoch=result.best_epoch, valid=result.valid, test=result.test,
+                     seconds_per_epoch=result.seconds_per_epoch,
+                     num_parameters=result.num_parameters)
+      if result.test_cold is not None:
+        summary.update(test_cold=result.test_cold, test_warm=result.test_warm)
+    else:
+      result = sequential_fedavg.train(fed, split, item_text_features=features,
+                                       model_aggregator=dp.aggregator, on_eval=on_eval)
+      when = ('best_round', result.best_round)
+      summary = dict(hparams, best_round=result.best_round, valid=result.valid, test=result.test,
+                     seconds_per_round=result.seconds_per_round)
+      if dp.enabled:
+        summary['dp_epsilon'] = dp.epsilon_after(fed.rounds)
     atomic.write_json(os.path.join(run_dir, 'result.json'), summary)
   k = config.top_k
-  print(f'{run_dir}: best epoch {result.best_epoch} by val HR@{k}: test HR@{k} '
+  print(f'{run_dir}: {when[0].replace("_", " ")} {when[1]} by val HR@{k}: test HR@{k} '
         f'{result.test[f"hr@{k}"]:.4f}, NDCG@{k} {result.test[f"ndcg@{k}"]:.4f} (sampled); '
         f'{result.test[f"full_hr@{k}"]:.4f} / {result.test[f"full_ndcg@{k}"]:.4f} (full ranking)')
-  if result.test_cold is not None:
+  if getattr(result, 'test_cold', None) is not None:
     print(f'  cold test items ({result.test_cold["users"]} users): HR@{k} '
           f'{result.test_cold[f"hr@{k}"]:.4f}, NDCG@{k} {result.test_cold[f"ndcg@{k}"]:.4f}; warm '
           f'({result.test_warm["users"]} users): {result.test_warm[f"hr@{k}"]:.4f} / '

@@ -133,3 +133,7 @@ def test_hold_out_items_removes_them_from_training_only():
     sequences.hold_out_items(cold)
   with pytest.raises(ValueError, match='fraction'):
     sequences.hold_out_items(split, fraction=1.0)
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

@@ -20,11 +20,14 @@ def _binary(*argv):
 @pytest.mark.parametrize('argv,message', [
     (['--epochs=0'], '--epochs must be positive, got 0'),
     (['--num_heads=3'], '--num_heads=3 must divide --hidden_units=50'),
-    (['--size=large', '--num_heads=5'], '--num_heads=5 must divide --hidden_units=256'),
     (['--num_negatives=5'], '--num_negatives applies to --loss=sampled_softmax'),
-    (['--dropout=1.0'], '--dropout must be in [0, 1), got 1.0'),
     (['--data_dir=/nonexistent/dir'], '--data_dir=/nonexistent/dir does not exist'),
-    (['--learning_rate=nan'], '--learning_rate=nan is not a finite number'),
+    (['--rounds=5'], '--rounds needs --training=fedavg'),
+    (['--dp=gaussian_fixed', '--dp_noise_multiplier=1', '--dp_clip=1'],
+     '--dp needs --training=fedavg'),
+    (['--training=fedavg', '--epochs=3'], '--epochs is a flag of --training=central'),
+    (['--training=fedavg', '--dp=gaussian_fixed', '--dp_clip=1'],
+     '--dp=gaussian_fixed needs --dp_noise_multiplier or --target_epsilon'),
 ])
 def test_bad_flags_fail_cleanly_before_any_work(argv, message, tmp_path):
   proc = _binary(*argv, f'--root_output_dir={tmp_path}')
@@ -68,6 +71,29 @@ def test_language_model_item_features_on_ml_latest_small(tmp_path):
   assert result['data']['items'] == 3650
   # The encodings were cached, keyed by model and text checksum.
   assert [p.name.startswith('all-MiniLM-L6-v2-') for p in (tmp_path / 'cache' / 'text_embeddings').iterdir()] == [True]
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))
+
+
+@pytest.mark.slow
+def test_dp_fedavg_on_ml100k(tmp_path):
+  data_dir = os.path.dirname(shared_data.shared_file('ml-100k.zip'))
+  proc = _binary('--dataset=ml-100k', f'--data_dir={data_dir}', '--maxlen=20', '--hidden_units=8',
+                 '--training=fedavg', '--rounds=4', '--clients_per_round=16',
+                 '--eval_every_rounds=2', '--dp=gaussian_fixed', '--dp_noise_multiplier=1.0',
+                 '--dp_clip=0.5', f'--root_output_dir={tmp_path}', '--experiment_name=f',
+                 '--progress_bar=false')
+  assert proc.returncode == 0, proc.stderr
+  assert 'best round' in proc.stdout
+  history = json.loads((tmp_path / 'f' / 'history.json').read_text())
+  assert [h['round'] for h in history] == [2, 4]
+  assert 0 < history[0]['dp/epsilon'] < history[1]['dp/epsilon'] < float('inf')
+  result = json.loads((tmp_path / 'f' / 'result.json').read_text())
+  assert result['dp']['population'] == 943 and result['dp']['clients_per_round'] == 16
+  assert result['dp_epsilon'] == pytest.approx(history[1]['dp/epsilon'])
+  assert result['federated']['rounds'] == 4 and result['training'] == 'fedavg'
 
 
 if __name__ == '__main__':

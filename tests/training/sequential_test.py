@@ -186,3 +186,7 @@ def test_cold_items_are_never_negatives_and_are_reported_apart():
   result = sequential.train(config, split)
   assert result.test_cold['users'] + result.test_warm['users'] == result.test['users']
   assert result.test_cold['users'] == split.users_by_test_item(cold=True).size > 0
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__, '-q']))

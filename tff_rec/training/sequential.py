@@ -150,15 +150,26 @@ class TrainingSampler:
     raise ValueError('could not draw negatives outside a user\'s training set (the user rated '
                      'almost every item)')
 
-  def batch(self, batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`(seq, pos, neg)`: int32 [B, maxlen] twice and [B, maxlen] (or [B, maxlen, K])."""
-    users = self._rng.choice(self._users, size=batch_size)
+  @property
+  def trainable_user_ids(self) -> np.ndarray:
+    """Users with at least two training items (those a transition can be learned from)."""
+    return self._users.copy()
+
+  def _windows(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     seq = np.stack([sequences.left_padded(self._train[u][:-1], self._maxlen) for u in users])
     pos = np.stack([sequences.left_padded(self._train[u][1:], self._maxlen) for u in users])
-    neg = self._negatives(users, (batch_size, self._maxlen)) * (pos[..., None] > 0)
+    neg = self._negatives(users, (len(users), self._maxlen)) * (pos[..., None] > 0)
     if self._num_negatives == 1:
       neg = neg[..., 0]
     return seq, pos, neg.astype(np.int32)
+
+  def batch(self, batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`(seq, pos, neg)`: int32 [B, maxlen] twice and [B, maxlen] (or [B, maxlen, K])."""
+    return self._windows(self._rng.choice(self._users, size=batch_size))
+
+  def user_batch(self, user: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One user's `(seq, pos, neg)` as a batch of one, with fresh negatives."""
+    return self._windows(np.array([user], np.int64))
 
 
 def _history_mask(split: sequences.SequenceSplit, users: np.ndarray, which: str) -> np.ndarray:
