@@ -112,9 +112,6 @@ def test_real_movielens(name, users, items):
   assert split.summary()['actions'] == sum(len(s) for s in split.train) + 2 * users
 
 
-if __name__ == '__main__':
-  sys.exit(pytest.main([__file__, '-q']))
-
 
 def test_hold_out_items_removes_them_from_training_only():
   split = sequences.split_sequences(_random_ratings(), num_negatives=5)

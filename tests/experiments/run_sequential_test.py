@@ -73,9 +73,6 @@ def test_language_model_item_features_on_ml_latest_small(tmp_path):
   assert [p.name.startswith('all-MiniLM-L6-v2-') for p in (tmp_path / 'cache' / 'text_embeddings').iterdir()] == [True]
 
 
-if __name__ == '__main__':
-  sys.exit(pytest.main([__file__, '-q']))
-
 
 @pytest.mark.slow
 def test_dp_fedavg_on_ml100k(tmp_path):

@@ -110,9 +110,6 @@ def test_item_init_and_bad_arguments():
   assert 'maxlen' in registry.sequential_hparam_names('sasrec')
 
 
-if __name__ == '__main__':
-  sys.exit(pytest.main([__file__, '-q']))
-
 
 def test_item_features_represent_items_that_were_never_trained():
   features = np.random.default_rng(0).normal(size=(31, 12)).astype(np.float32)

@@ -133,9 +133,6 @@ def test_config_errors():
   assert 'progress_bar' not in sequential.config_dict(sequential.SequentialConfig())
 
 
-if __name__ == '__main__':
-  sys.exit(pytest.main([__file__, '-q']))
-
 
 def test_principal_init_is_a_fixed_projection_at_the_glorot_scale():
   rng = np.random.default_rng(0)
@@ -169,9 +166,6 @@ def test_item_text_modes_use_the_features():
   with pytest.raises(ValueError, match='unknown item_text'):
     sequential.SequentialConfig(item_text='bert')
 
-
-if __name__ == '__main__':
-  sys.exit(pytest.main([__file__, '-q']))
 
 
 def test_cold_items_are_never_negatives_and_are_reported_apart():
