@@ -44,6 +44,8 @@ from tff_rec import runtime
 from tff_rec import atomic
 from tff_rec.data import errors
 from tff_rec.data import sequences
+from tff_rec.export import sequential_serving
+from tff_rec.export import serving
 from tff_rec.models import sasrec
 from tff_rec.models import text_encoder
 from tff_rec.training import data_setup
@@ -102,6 +104,11 @@ flags.DEFINE_enum('server_optimizer', _FED.server_optimizer, ['adam', 'sgd'], 'f
                   'optimizer.')
 flags.DEFINE_float('server_learning_rate', _FED.server_learning_rate, 'fedavg: server rate.')
 flags.DEFINE_integer('eval_every_rounds', _FED.eval_every, 'fedavg: evaluate every N rounds.')
+flags.DEFINE_string('export_base', None, 'Also export the best model for TF Serving as '
+                    '<export_base>/<export_name>/<export_version> with a `recommend` signature '
+                    '(recent item ids -> top-k items; tff_rec/export/sequential_serving.py).')
+flags.DEFINE_string('export_name', 'sasrec', 'TF Serving model name of the export.')
+flags.DEFINE_integer('export_version', 1, 'TF Serving version of the export.')
 dp_flags.define_dp_flags()
 common_flags.define_output_flags('sequential')
 flags.DEFINE_bool('progress_bar', True, 'Show a progress bar.')
@@ -192,6 +199,12 @@ def main(argv: Sequence[str]) -> None:
   common_flags.quiet_logging()
   config = _config()
   fed = _fed_config(config)
+  if FLAGS.export_base is not None:
+    try:
+      serving.check_version(FLAGS.export_base, FLAGS.export_name, FLAGS.export_version)
+    except serving.ExportError as e:
+      raise app.UsageError(f'--export_base/--export_name/--export_version: '
+                           f'{str(e).split("; pass")[0]}') from e
   if fed is not None:
     dp_flags.dp_config_from_flags()  # Flag errors before any work.
   common_flags.check_output_dir(FLAGS.root_output_dir, FLAGS.experiment_name)
@@ -258,6 +271,11 @@ def main(argv: Sequence[str]) -> None:
                      seconds_per_round=result.seconds_per_round)
       if dp.enabled:
         summary['dp_epsilon'] = dp.epsilon_after(fed.rounds)
+    if FLAGS.export_base is not None:
+      exported = sequential_serving.export(
+          result.model, split.item_index.raw_ids.tolist(), export_base=FLAGS.export_base,
+          model_name=FLAGS.export_name, version=FLAGS.export_version)
+      summary['export'] = exported.version_dir
     atomic.write_json(os.path.join(run_dir, 'result.json'), summary)
   k = config.top_k
   print(f'{run_dir}: {when[0].replace("_", " ")} {when[1]} by val HR@{k}: test HR@{k} '

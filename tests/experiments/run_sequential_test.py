@@ -5,9 +5,11 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from tests import shared_data
+from tff_rec.export import serving
 
 
 def _binary(*argv):
@@ -42,7 +44,7 @@ def test_sasrec_on_ml100k(tmp_path):
   data_dir = os.path.dirname(shared_data.shared_file('ml-100k.zip'))
   argv = ['--dataset=ml-100k', f'--data_dir={data_dir}', '--maxlen=50', '--hidden_units=16',
           '--epochs=4', '--eval_every=2', f'--root_output_dir={tmp_path}',
-          '--experiment_name=s', '--progress_bar=false']
+          '--experiment_name=s', '--progress_bar=false', f'--export_base={tmp_path / "serving"}']
   proc = _binary(*argv)
   assert proc.returncode == 0, proc.stderr
   assert 'best epoch' in proc.stdout
@@ -54,7 +56,15 @@ def test_sasrec_on_ml100k(tmp_path):
   assert result['best_epoch'] in (2, 4)
   # A popularity-free sanity bound: well above the 10/101 of random scores.
   assert result['test']['hr@10'] > 0.2
+  # The best model is exported for TF Serving and recommends from recent items.
+  assert result['export'] == str(tmp_path / 'serving' / 'sasrec' / '1')
+  out = serving.predict_in_fresh_process(result['export'], 'recommend', {
+      'history_item_id': np.array([['50', '172', '181']], dtype=object), 'k': np.int32(10)})
+  recommended = [x.decode() for x in out['item_ids'][0]]
+  assert len(set(recommended)) == 10 and not {'50', '172', '181'} & set(recommended)
   again = _binary(*argv)
+  assert again.returncode == 2 and 'serving/sasrec/1 already exists' in again.stderr
+  again = _binary(*argv[:-1])
   assert again.returncode == 2 and 'already holds a finished run' in again.stderr
 
 

@@ -574,15 +574,42 @@ def export(
 
 def _save(module, model_config, user_ids, item_ids, export_base, model_name, version, final,
           options, overwrite) -> ExportResult:
-  """Saves into a temporary sibling of `final`, adds warmup requests, renames into place."""
+  """Saves the module with its warmup requests (`save_module`)."""
+  logs = (warmup_requests(model_name, model_config, user_ids, item_ids, options)
+          if options.warmup else None)
+  return save_module(module, export_base=export_base, model_name=model_name, version=version,
+                     final=final, warmup_logs=logs, overwrite=overwrite)
+
+
+def save_module(module: tf.Module, *, export_base: str, model_name: str, version: int,
+                final: str, warmup_logs: Optional[list], overwrite: bool) -> ExportResult:
+  """Saves `module` as `<export_base>/<model_name>/<version>` for TF Serving, atomically.
+
+  Args:
+    module: A `tf.Module` with a `signatures()` method (name -> concrete function).
+    export_base: The folder of `models.config`.
+    model_name: The TF Serving model name.
+    version: The version number.
+    final: The version directory (`check_version`).
+    warmup_logs: PredictionLogs written as `assets.extra/tf_serving_warmup_requests`
+      (None: none).
+    overwrite: Replace an existing version.
+
+  Returns:
+    The `ExportResult`.
+
+  The module is saved into a temporary sibling of `final`, the warmup
+  requests added, and the directory renamed into place; `models.config` is
+  updated last. One export at a time per model directory.
+  """
   signatures = module.signatures()
   model_dir = os.path.join(export_base, model_name)
   created = [d for d in (export_base, model_dir) if not os.path.isdir(d)]
   os.makedirs(model_dir, exist_ok=True)
   with _export_lock(model_dir):
     clean_leftovers(model_dir)
-    return _save_locked(module, signatures, model_config, user_ids, item_ids, export_base,
-                        model_name, version, final, options, overwrite, model_dir, created)
+    return _save_locked(module, signatures, warmup_logs, export_base, model_name, version,
+                        final, overwrite, model_dir, created)
 
 
 @contextlib.contextmanager
@@ -631,16 +658,15 @@ def clean_leftovers(model_dir: str) -> list[str]:
   return removed
 
 
-def _save_locked(module, signatures, model_config, user_ids, item_ids, export_base, model_name,
-                 version, final, options, overwrite, model_dir, created) -> ExportResult:
+def _save_locked(module, signatures, warmup_logs, export_base, model_name, version, final,
+                 overwrite, model_dir, created) -> ExportResult:
   tmp = tempfile.mkdtemp(prefix=f'.tmp-{version}-', dir=model_dir)
   trash = None
   warmup_file = None
   try:
     tf.saved_model.save(module, tmp, signatures=signatures)
-    if options.warmup:
-      warmup_file = warmup.write_warmup(
-          tmp, warmup_requests(model_name, model_config, user_ids, item_ids, options))
+    if warmup_logs:
+      warmup_file = warmup.write_warmup(tmp, warmup_logs)
     if os.path.exists(final):
       if not overwrite:
         raise ExportError(f'{final} appeared during the export; pass overwrite=True to replace it')
