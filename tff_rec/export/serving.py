@@ -63,7 +63,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional
 
 from absl import logging
 from google.protobuf import text_format
