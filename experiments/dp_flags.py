@@ -16,6 +16,7 @@ from typing import Any
 from absl import app
 from absl import flags
 
+from privacy import accounting
 from privacy import dp_aggregators
 from privacy import federated_dp
 from privacy import secure_rounds
@@ -182,3 +183,31 @@ def prepare_dp_for_run(dp_config: dp_aggregators.DpConfig, config: Any,
     return run_setup.prepare_dp(dp_config, config, split)
   except run_setup.RunSetupError as e:
     raise app.UsageError(str(e)) from e
+
+
+def prepare_personalized_dp_for_run(dp_config: dp_aggregators.DpConfig, *,
+                                    clients_per_round: Any, population: int,
+                                    rounds: int) -> federated_dp.DpSetup:
+  """`federated_dp.prepare_personalized_dp` for a binary: UsageError naming the flag if refused.
+
+  Args:
+    dp_config: The DP choice (`dp_config_from_flags`).
+    clients_per_round: Participants per round (None: every user).
+    population: The number of users.
+    rounds: The rounds asked for (`--rounds`).
+
+  Returns:
+    The `federated_dp.DpSetup`.
+  """
+  try:
+    return federated_dp.prepare_personalized_dp(
+        dp_config, clients_per_round=clients_per_round, population=population,
+        total_rounds=rounds)
+  except accounting.BudgetExceededError as e:
+    raise app.UsageError(
+        f'--target_epsilon={dp_config.target_epsilon} with --rounds={rounds}: {e} (use '
+        '--dp_on_budget=stop to run only those rounds, or raise --dp_noise_multiplier)') from e
+  except ValueError as e:
+    message = str(e)
+    raise app.UsageError(message if message.startswith('--') else
+                         f'--dp={dp_config.mode}: {message}') from e

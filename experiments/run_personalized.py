@@ -29,9 +29,6 @@ from absl import flags
 
 from experiments import common_flags
 from experiments import dp_flags
-from privacy import accounting
-from privacy import dp_aggregators
-from privacy import federated_dp
 from tff_rec import atomic
 from tff_rec import runtime
 from tff_rec.data import errors
@@ -148,23 +145,6 @@ def _configs():
   return hparams, loop
 
 
-def _dp_setup(dp_config: dp_aggregators.DpConfig, loop: personalized_loop.LoopConfig,
-              population: int) -> federated_dp.DpSetup:
-  """The DP aggregator and accountant of a run; UsageError naming the flag if refused."""
-  try:
-    return federated_dp.prepare_personalized_dp(
-        dp_config, clients_per_round=loop.clients_per_round, population=population,
-        total_rounds=loop.rounds)
-  except accounting.BudgetExceededError as e:
-    raise app.UsageError(
-        f'--target_epsilon={dp_config.target_epsilon} with --rounds={loop.rounds}: {e} (use '
-        '--dp_on_budget=stop to run only those rounds, or raise --dp_noise_multiplier)') from e
-  except ValueError as e:
-    message = str(e)
-    raise app.UsageError(message if message.startswith('--') else
-                         f'--dp={dp_config.mode}: {message}') from e
-
-
 def main(argv: Sequence[str]) -> None:
   del argv
   common_flags.quiet_logging()
@@ -184,7 +164,9 @@ def main(argv: Sequence[str]) -> None:
                                         num_eval_negatives=FLAGS.eval_negatives)
   except (errors.DataError, ValueError) as e:
     raise app.UsageError(f'--dataset/--data_dir: {e}') from e
-  dp = _dp_setup(dp_config, loop, data.num_users)
+  dp = dp_flags.prepare_personalized_dp_for_run(
+      dp_config, clients_per_round=loop.clients_per_round, population=data.num_users,
+      rounds=loop.rounds)
   if dp.total_rounds < loop.rounds:
     loop = dataclasses.replace(loop, rounds=dp.total_rounds)
   if dp.needs_secure_context:

@@ -38,8 +38,6 @@ from absl import flags
 
 from experiments import common_flags
 from experiments import dp_flags
-from privacy import accounting
-from privacy import federated_dp
 from tff_rec import runtime
 from tff_rec import atomic
 from tff_rec.data import errors
@@ -178,22 +176,6 @@ def _fed_config(central: sequential.SequentialConfig) -> sequential_fedavg.FedSe
       eval_every=FLAGS.eval_every_rounds)
 
 
-def _dp_setup(fed: sequential_fedavg.FedSequentialConfig, population: int):
-  """The DP aggregator and accountant; UsageError naming the flag if refused."""
-  dp_config = dp_flags.dp_config_from_flags()
-  try:
-    return federated_dp.prepare_personalized_dp(
-        dp_config, clients_per_round=fed.clients_per_round, population=population,
-        total_rounds=fed.rounds)
-  except accounting.BudgetExceededError as e:
-    raise app.UsageError(f'--target_epsilon={dp_config.target_epsilon} with --rounds={fed.rounds}: '
-                         f'{e}') from e
-  except ValueError as e:
-    message = str(e)
-    raise app.UsageError(message if message.startswith('--') else
-                         f'--dp={dp_config.mode}: {message}') from e
-
-
 def main(argv: Sequence[str]) -> None:
   del argv
   common_flags.quiet_logging()
@@ -229,7 +211,10 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f'--item_text={config.item_text}: {e}') from e
   dp = None
   if fed is not None:
-    dp = _dp_setup(fed, sequential.TrainingSampler(split, config.maxlen).trainable_users)
+    dp = dp_flags.prepare_personalized_dp_for_run(
+        dp_flags.dp_config_from_flags(), clients_per_round=fed.clients_per_round,
+        population=sequential.TrainingSampler(split, config.maxlen).trainable_users,
+        rounds=fed.rounds)
     if dp.total_rounds < fed.rounds:
       fed = dataclasses.replace(fed, rounds=dp.total_rounds)
     if dp.needs_secure_context:

@@ -247,6 +247,48 @@ def evaluate(model: sasrec.SASRec, split: sequences.SequenceSplit, *, which: str
   return out
 
 
+class BestValidation:
+  """Evaluates the held-out items, keeps the history and the weights of the best validation HR@K.
+
+  Shared by the central loop and `sequential_fedavg`: each evaluation ranks
+  the validation and test items, appends a history row keyed by `step_key`
+  ('epoch' or 'round'), and remembers the model's weights when validation
+  HR@K improves.
+  """
+
+  def __init__(self, config: SequentialConfig, split: sequences.SequenceSplit, step_key: str,
+               on_eval: Optional[Callable[[dict], Any]] = None):
+    self._split = split
+    self._step_key = step_key
+    self._on_eval = on_eval
+    self._key = f'hr@{config.top_k}'
+    self.eval_kwargs = dict(maxlen=config.maxlen, top_k=config.top_k,
+                            batch_size=config.eval_batch_size)
+    self.history: list = []
+    self.best_step = None
+    self.valid = None
+    self.test = None
+    self._weights = None
+
+  def evaluate(self, model: sasrec.SASRec, step: int, loss: float, seconds: float) -> dict:
+    """Ranks the held-out items with `model`; returns the new history row."""
+    valid = evaluate(model, self._split, which='valid', **self.eval_kwargs)
+    test = evaluate(model, self._split, which='test', **self.eval_kwargs)
+    row = {self._step_key: step, 'loss': loss, 'seconds': seconds,
+           **{f'valid/{k}': v for k, v in valid.items()}, **{f'test/{k}': v for k, v in test.items()}}
+    self.history.append(row)
+    if self._on_eval is not None:
+      self._on_eval(row)
+    if self.valid is None or valid[self._key] > self.valid[self._key]:
+      self.best_step, self.valid, self.test = step, valid, test
+      self._weights = [w.copy() for w in model.get_weights()]
+    return row
+
+  def restore(self, model: sasrec.SASRec) -> None:
+    """Sets `model` to the weights of the best evaluation."""
+    model.set_weights(self._weights)
+
+
 @dataclasses.dataclass
 class SequentialResult:
   """What `train` returns.
@@ -365,9 +407,8 @@ def train(config: SequentialConfig, split: sequences.SequenceSplit, *,
     return loss
 
   steps = max(1, split.num_users // config.batch_size)
-  kw = dict(maxlen=config.maxlen, top_k=config.top_k, batch_size=config.eval_batch_size)
-  history, epoch_seconds = [], []
-  best = None
+  book = BestValidation(config, split, 'epoch', on_eval)
+  epoch_seconds = []
   bar = tqdm.trange(config.epochs, desc=config.model, unit='epoch', disable=not config.progress_bar)
   for epoch in range(1, config.epochs + 1):
     start = time.perf_counter()
@@ -380,26 +421,18 @@ def train(config: SequentialConfig, split: sequences.SequenceSplit, *,
     bar.set_postfix(loss=f'{loss:.4f}')
     if epoch % config.eval_every and epoch != config.epochs:
       continue
-    valid = evaluate(model, split, which='valid', **kw)
-    test = evaluate(model, split, which='test', **kw)
-    row = {'epoch': epoch, 'loss': loss, 'seconds': float(np.sum(epoch_seconds)),
-           **{f'valid/{k}': v for k, v in valid.items()}, **{f'test/{k}': v for k, v in test.items()}}
-    history.append(row)
-    if on_eval is not None:
-      on_eval(row)
-    key = f'hr@{config.top_k}'
-    if best is None or valid[key] > best[1][key]:
-      best = (epoch, valid, test, [w.copy() for w in model.get_weights()])
+    book.evaluate(model, epoch, loss, float(np.sum(epoch_seconds)))
   bar.close()
-  model.set_weights(best[3])
+  book.restore(model)
   by_item = {}
   if split.cold_items.size:
     for cold in (True, False):
       users = split.users_by_test_item(cold=cold)
       if users.size:
-        by_item[cold] = evaluate(model, split, which='test', users=users, **kw)
+        by_item[cold] = evaluate(model, split, which='test', users=users, **book.eval_kwargs)
   return SequentialResult(
-      model=model, best_epoch=best[0], valid=best[1], test=best[2], history=history,
+      model=model, best_epoch=book.best_step, valid=book.valid, test=book.test,
+      history=book.history,
       seconds_per_epoch=float(np.median(epoch_seconds)),
       num_parameters=int(sum(np.prod(v.shape) for v in model.trainable_variables)),
       test_cold=by_item.get(True), test_warm=by_item.get(False))

@@ -249,7 +249,8 @@ def train(config: FedSequentialConfig, split: sequences.SequenceSplit, *,
   rng = np.random.default_rng([c.seed, 7])
   eval_model = model_fn()
   state = process.initialize()
-  history, seconds, best = [], [], None
+  book = sequential.BestValidation(c, split, 'round', on_eval)
+  seconds = []
   bar = tqdm.trange(config.rounds, desc='fedavg', unit='round', disable=not c.progress_bar)
   for r in range(1, config.rounds + 1):
     start = time.perf_counter()
@@ -268,21 +269,12 @@ def train(config: FedSequentialConfig, split: sequences.SequenceSplit, *,
       continue
     weights = process.get_model_weights(state)
     eval_model.set_weights(_ordered(eval_model, weights))
-    kw = dict(maxlen=c.maxlen, top_k=c.top_k, batch_size=c.eval_batch_size)
-    valid = sequential.evaluate(eval_model, split, which='valid', **kw)
-    test = sequential.evaluate(eval_model, split, which='test', **kw)
-    row = {'round': r, 'loss': loss, 'seconds': float(np.sum(seconds)),
-           **{f'valid/{k}': v for k, v in valid.items()}, **{f'test/{k}': v for k, v in test.items()}}
-    history.append(row)
-    if on_eval is not None:
-      on_eval(row)
-    key = f'hr@{c.top_k}'
-    if best is None or valid[key] > best[1][key]:
-      best = (r, valid, test, [w.copy() for w in eval_model.get_weights()])
+    book.evaluate(eval_model, r, loss, float(np.sum(seconds)))
   bar.close()
-  eval_model.set_weights(best[3])
-  return FedSequentialResult(model=eval_model, best_round=best[0], valid=best[1], test=best[2],
-                             history=history, seconds_per_round=float(np.median(seconds)))
+  book.restore(eval_model)
+  return FedSequentialResult(model=eval_model, best_round=book.best_step, valid=book.valid,
+                             test=book.test, history=book.history,
+                             seconds_per_round=float(np.median(seconds)))
 
 
 def _ordered(model: tf.keras.Model, weights: tff.learning.models.ModelWeights) -> list:
